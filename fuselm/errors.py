@@ -1,0 +1,15 @@
+"""Errors fuselm raises to users; each names the problem and where it came from."""
+
+
+class FuselmError(Exception):
+    """Base class of fuselm's own errors."""
+
+
+class UnsupportedOpError(FuselmError):
+    """A captured model uses an op the frontend cannot map to the IR."""
+
+    def __init__(self, op: str, source: str | None = None, detail: str = ""):
+        self.op = op
+        self.source = source
+        where = f" at {source}" if source else ""
+        super().__init__(f"unsupported op {op}{where}{': ' + detail if detail else ''}")

@@ -1,0 +1,193 @@
+"""Capture a PyTorch module into fuselm's IR through torch.export.
+
+1. Export the module with symbolic dimensions named by the user (`dynamic`), keyed by
+   the forward's parameter names like torch.export's `dynamic_shapes`.
+2. Decompose to core ATen, keeping linear, norms, SDPA, gelu, silu, softmax and
+   embedding whole.
+3. Walk the ATen graph once, mapping each op through `ATEN_TABLE`; parameters, buffers
+   and lifted constants become named IR constants, user inputs keep their names.
+   Outputs are the user outputs, then the final value of every input the model updates
+   in place (e.g. the KV cache), so no pass can drop a write.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import operator
+import re
+from typing import Any, Optional
+
+import torch
+from torch.export import Dim
+from torch.export.graph_signature import InputKind, OutputKind
+
+from ..errors import UnsupportedOpError
+from ..ir.graph import Graph, GraphBuilder, Value
+from ..ir.types import TensorType, as_dim, dtype_of, symbol
+from .aten_table import ATEN_TABLE, PRESERVED_OPS, register_attention_ops
+
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+
+def capture(module: torch.nn.Module, example_inputs, dynamic: Optional[dict] = None) -> Graph:
+    """Export `module` on `example_inputs` and convert it to an IR graph.
+
+    `dynamic` maps forward parameter names to `{dim: "SYM"}` or `{dim: ("SYM", min, max)}`;
+    the same symbol on two inputs is one dimension, and an expression such as `"N+1"`
+    derives a dimension from a symbol used elsewhere.
+    """
+    register_attention_ops()
+    example_inputs = tuple(example_inputs)
+    names = list(inspect.signature(module.forward).parameters)[: len(example_inputs)]
+    dynamic_shapes, named_dims = _dynamic_shapes(names, dynamic or {})
+    exported = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    exported = exported.run_decompositions(decomposition_table())
+    return _Converter(exported, named_dims).run()
+
+
+def decomposition_table() -> dict:
+    table = torch.export.default_decompositions()
+    for op in PRESERVED_OPS:
+        table.pop(op, None)
+    return table
+
+
+# ----------------------------------------------------------------------------- dynamic shapes
+def _dynamic_shapes(names: list, dynamic: dict):
+    """torch.export's dynamic_shapes for fuselm's spec, and [(input, dim, symbol text)]."""
+    unknown = set(dynamic) - set(names)
+    if unknown:
+        raise ValueError(f"dynamic names {sorted(unknown)} are not parameters of forward{tuple(names)}")
+    specs = [(name, dim, spec) for name in names for dim, spec in (dynamic.get(name) or {}).items()]
+    dims = {}
+    for _, _, spec in specs:
+        text, low, high = (spec, None, None) if isinstance(spec, str) else tuple(spec) + (None,) * (3 - len(spec))
+        if text.isidentifier() and (text not in dims or low is not None):
+            # torch's Dim names go through sympify, where N, S, E, I... are taken: prefix them.
+            dims[text] = Dim(f"fuselm_{text}", **({"min": low} if low is not None else {}), **({"max": high} if high is not None else {}))
+    shapes = {name: ({} if dynamic.get(name) else None) for name in names}
+    named_dims = []
+    for name, dim, spec in specs:
+        text = spec if isinstance(spec, str) else spec[0]
+        shapes[name][dim] = _torch_dim(text, dims)
+        named_dims.append((name, dim, text))
+    return (shapes if dynamic else None), named_dims
+
+
+def _torch_dim(text: str, dims: dict):
+    """Evaluate "N" or "N+1" over torch Dims."""
+
+    def evaluate(node):
+        if isinstance(node, ast.Name):
+            return dims[node.id]
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](evaluate(node.left), evaluate(node.right))
+        raise ValueError(f"dynamic dimension {text!r}: use a symbol, optionally plus/times an int")
+
+    return evaluate(ast.parse(text, mode="eval").body)
+
+
+# ----------------------------------------------------------------------------- conversion
+def source_of(fx_node) -> Optional[str]:
+    """`file.py:LINE` of the model code that produced an FX node (torch's frames skipped)."""
+    trace = fx_node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.*)', trace)
+    frames = [f for f in frames if "/torch/" not in f[0]] or frames
+    if not frames:
+        return None
+    path, line, code = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line} {code.strip()}"
+
+
+class _Converter:
+    def __init__(self, exported, named_dims: list):
+        self.exported = exported
+        self.builder = GraphBuilder()
+        self.env: dict = {}
+        self.fx_node = None
+        self.symbols = self._symbol_map(named_dims)
+
+    def _symbol_map(self, named_dims: list) -> dict:
+        """torch's shape symbols (s0, s72...) -> fuselm's named symbols."""
+        placeholders = {n.name: n.meta.get("val") for n in self.exported.graph.nodes if n.op == "placeholder"}
+        mapping = {}
+        for input_name, dim, text in named_dims:
+            size = placeholders[input_name].shape[dim]
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol and text.isidentifier():
+                mapping[size.node.expr] = symbol(text)
+        return mapping
+
+    # -- helpers the table's handlers use
+    def dim(self, size) -> Any:
+        if isinstance(size, torch.SymInt):
+            return as_dim(size.node.expr.xreplace(self.symbols))
+        return size
+
+    def is_value(self, x) -> bool:
+        return isinstance(x, Value)
+
+    def op(self, name: str, *inputs, **attrs):
+        return self.builder.op(name, *inputs, source=self.source, **attrs)
+
+    @property
+    def source(self) -> Optional[str]:
+        found = source_of(self.fx_node) if self.fx_node is not None else None
+        return found.split(" ", 1)[0] if found else None
+
+    def unsupported(self, detail: str = ""):
+        raise UnsupportedOpError(str(self.fx_node.target), source_of(self.fx_node), detail)
+
+    def arg(self, a):
+        if isinstance(a, torch.fx.Node):
+            return self.env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.arg(x) for x in a)
+        if isinstance(a, torch.SymInt):
+            return self.dim(a)
+        return a
+
+    # -- the walk
+    def run(self) -> Graph:
+        signature = self.exported.graph_signature
+        specs = {spec.arg.name: spec for spec in signature.input_specs if hasattr(spec.arg, "name")}
+        outputs = None
+        for fx_node in self.exported.graph.nodes:
+            self.fx_node = fx_node
+            if fx_node.op == "placeholder":
+                self.env[fx_node] = self._placeholder(fx_node, specs[fx_node.name])
+            elif fx_node.op == "call_function":
+                self.env[fx_node] = self._call(fx_node)
+            elif fx_node.op == "output":
+                outputs = self._outputs(fx_node, signature)
+        return self.builder.build(outputs)
+
+    def _placeholder(self, fx_node, spec):
+        if spec.kind == InputKind.USER_INPUT:
+            val = fx_node.meta["val"]
+            shape = tuple(self.dim(s) for s in val.shape)
+            return self.builder.input(fx_node.name, TensorType(shape, dtype_of(val.dtype)))
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            tensor = self.exported.state_dict.get(spec.target)
+            if tensor is None:
+                tensor = self.exported.constants[spec.target]
+        else:
+            tensor = self.exported.constants[spec.target]
+        return self.builder.constant(spec.target, tensor.detach())
+
+    def _call(self, fx_node):
+        handler = ATEN_TABLE.get(fx_node.target)
+        if handler is None:
+            name = getattr(fx_node.target, "__name__", str(fx_node.target))
+            raise UnsupportedOpError(str(getattr(fx_node.target, "_name", name)), source_of(fx_node))
+        args = [self.arg(a) for a in fx_node.args]
+        kwargs = {k: self.arg(v) for k, v in fx_node.kwargs.items()}
+        return handler(self, *args, **kwargs)
+
+    def _outputs(self, fx_node, signature) -> list:
+        values = [self.env[a] for a in fx_node.args[0]]
+        kinds = [spec.kind for spec in signature.output_specs]
+        user = [v for v, k in zip(values, kinds) if k == OutputKind.USER_OUTPUT]
+        mutations = [v for v, k in zip(values, kinds) if k != OutputKind.USER_OUTPUT]
+        return user + mutations

@@ -1,0 +1,363 @@
+"""The core ops: type inference and plain-torch reference semantics for each.
+
+Conventions: a binary elementwise op takes two tensors, or one tensor and a `scalar`
+attribute (`reverse=True` when the scalar is the left operand); shapes broadcast as in
+torch. `gemm(x, w[, b])` is torch's linear (w is [N, K]). Fused forms are ordinary ops
+with attributes, so a fused graph stays interpretable.
+"""
+from __future__ import annotations
+
+import math
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+from . import attention_reference
+from .registry import IRTypeError, register
+from .types import TensorType, as_dim, dims_equal, dtype_of, floordiv
+
+
+# ----------------------------------------------------------------------------- helpers
+def _is_one(dim) -> bool:
+    return isinstance(dim, int) and dim == 1
+
+
+def broadcast_shapes(*shapes) -> tuple:
+    rank = max(len(s) for s in shapes)
+    out = []
+    for i in range(rank):
+        dims = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
+        wide = [d for d in dims if not _is_one(d)]
+        if any(not dims_equal(d, wide[0]) for d in wide[1:]):
+            raise IRTypeError(f"shapes {[list(map(str, s)) for s in shapes]} do not broadcast")
+        out.append(wide[0] if wide else 1)
+    return tuple(out)
+
+
+def _meta(t: TensorType) -> torch.Tensor:
+    return torch.empty((1,) * t.rank, dtype=t.torch_dtype, device="meta")
+
+
+def _norm_dim(dim: int, rank: int) -> int:
+    if not -max(rank, 1) <= dim < max(rank, 1):
+        raise IRTypeError(f"dim {dim} out of range for rank {rank}")
+    return dim % max(rank, 1)
+
+
+def _same(types, attrs):
+    return types[0]
+
+
+def _prod(dims):
+    return as_dim(math.prod(dims, start=sympy.Integer(1)))
+
+
+# ----------------------------------------------------------------------------- elementwise
+def _binary_infer(comparison: bool):
+    def infer(types, attrs):
+        if len(types) == 2:
+            shape = broadcast_shapes(types[0].shape, types[1].shape)
+            dtype = torch.result_type(_meta(types[0]), _meta(types[1]))
+        else:
+            if "scalar" not in attrs:
+                raise IRTypeError("a one-input binary op needs a `scalar` attribute")
+            shape = types[0].shape
+            dtype = torch.result_type(_meta(types[0]), attrs["scalar"])
+        return TensorType(shape, "bool" if comparison else dtype_of(dtype))
+
+    return infer
+
+
+def _binary_reference(fn):
+    def reference(a, b=None, scalar=None, reverse=False):
+        if b is None:
+            b = scalar
+        return fn(b, a) if reverse else fn(a, b)
+
+    return reference
+
+
+_BINARY_OPS = {
+    "add": (torch.add, False),
+    "sub": (torch.sub, False),
+    "mul": (torch.mul, False),
+    "pow": (torch.pow, False),
+    "maximum": (lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)), False),
+    "minimum": (lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b)), False),
+    "eq": (torch.eq, True),
+    "ne": (torch.ne, True),
+    "lt": (torch.lt, True),
+    "le": (torch.le, True),
+    "gt": (torch.gt, True),
+    "ge": (torch.ge, True),
+    "logical_and": (torch.logical_and, True),
+    "logical_or": (torch.logical_or, True),
+}
+for _name, (_fn, _cmp) in _BINARY_OPS.items():
+    register(_name, _binary_infer(_cmp), _binary_reference(_fn), inputs=(1, 2))
+
+
+def _div_infer(types, attrs):
+    result = _binary_infer(False)(types, attrs)
+    return result if result.is_float else result.with_dtype("f32")  # true division
+
+
+register("div", _div_infer, _binary_reference(torch.div), inputs=(1, 2))
+
+_UNARY_OPS = {
+    "neg": torch.neg,
+    "abs": torch.abs,
+    "exp": torch.exp,
+    "log": torch.log,
+    "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt,
+    "reciprocal": torch.reciprocal,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "tanh": torch.tanh,
+    "erf": torch.erf,
+    "sigmoid": torch.sigmoid,
+    "relu": torch.relu,
+    "silu": F.silu,
+}
+for _name, _fn in _UNARY_OPS.items():
+    register(_name, _same, _fn)
+
+register("logical_not", lambda t, a: t[0].with_dtype("bool"), torch.logical_not)
+register("gelu", _same, lambda x, approximate="none": F.gelu(x, approximate=approximate))
+register("cast", lambda t, a: t[0].with_dtype(a["dtype"]), lambda x, dtype: x.to(TensorType((), dtype).torch_dtype))
+
+
+def _where_infer(types, attrs):
+    if types[0].dtype != "bool":
+        raise IRTypeError(f"where's condition must be bool, got {types[0].dtype}")
+    return TensorType(broadcast_shapes(*(t.shape for t in types)), dtype_of(torch.result_type(_meta(types[1]), _meta(types[2]))))
+
+
+register("where", _where_infer, torch.where, inputs=3)
+
+
+def _masked_fill_infer(types, attrs):
+    if types[1].dtype != "bool":
+        raise IRTypeError(f"masked_fill's mask must be bool, got {types[1].dtype}")
+    broadcast_shapes(types[0].shape, types[1].shape)
+    return types[0]
+
+
+register("masked_fill", _masked_fill_infer, lambda x, mask, value: x.masked_fill(mask, value), inputs=2)
+
+
+# ----------------------------------------------------------------------------- reductions
+def _reduce_infer(types, attrs, dtype=None):
+    shape = list(types[0].shape)
+    dims = sorted(_norm_dim(d, len(shape)) for d in attrs["dims"])
+    for d in reversed(dims):
+        if attrs.get("keepdim", False):
+            shape[d] = 1
+        else:
+            shape.pop(d)
+    return TensorType(tuple(shape), dtype or types[0].dtype)
+
+
+register("sum", _reduce_infer, lambda x, dims, keepdim=False: torch.sum(x, dim=list(dims), keepdim=keepdim))
+register("mean", _reduce_infer, lambda x, dims, keepdim=False: torch.mean(x, dim=list(dims), keepdim=keepdim))
+register("amax", _reduce_infer, lambda x, dims, keepdim=False: torch.amax(x, dim=list(dims), keepdim=keepdim))
+register("amin", _reduce_infer, lambda x, dims, keepdim=False: torch.amin(x, dim=list(dims), keepdim=keepdim))
+register(
+    "argmax",
+    lambda t, a: _reduce_infer(t, {"dims": (a["dim"],), "keepdim": a.get("keepdim", False)}, "i64"),
+    lambda x, dim, keepdim=False: torch.argmax(x, dim=dim, keepdim=keepdim),
+)
+register("softmax", _same, lambda x, dim: torch.softmax(x, dim=dim))
+register("log_softmax", _same, lambda x, dim: torch.log_softmax(x, dim=dim))
+
+
+# ----------------------------------------------------------------------------- linear algebra
+def _gemm_infer(types, attrs):
+    x, w = types[0], types[1]
+    if w.rank != 2 or not dims_equal(x.shape[-1], w.shape[1]):
+        raise IRTypeError(f"gemm: x {x} and weight {w} disagree on K (weight is [N, K])")
+    if len(types) == 3 and not (types[2].rank == 1 and dims_equal(types[2].shape[0], w.shape[0])):
+        raise IRTypeError(f"gemm: bias {types[2]} does not match N={w.shape[0]}")
+    return TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)
+
+
+register("gemm", _gemm_infer, lambda x, w, b=None: F.linear(x, w, b), inputs=(2, 3))
+
+
+def _matmul_infer(types, attrs):
+    a, b = types
+    if a.rank < 2 or b.rank < 2 or not dims_equal(a.shape[-1], b.shape[-2]):
+        raise IRTypeError(f"matmul: {a} @ {b} do not agree")
+    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return TensorType(batch + (a.shape[-2], b.shape[-1]), a.dtype)
+
+
+register("matmul", _matmul_infer, torch.matmul, inputs=2)
+
+
+def _embedding_infer(types, attrs):
+    table, ids = types
+    if ids.dtype not in ("i64", "i32"):
+        raise IRTypeError(f"embedding ids must be integers, got {ids.dtype}")
+    return TensorType(ids.shape + (table.shape[1],), table.dtype)
+
+
+register("embedding", _embedding_infer, lambda table, ids: F.embedding(ids, table), inputs=2)
+
+
+# ----------------------------------------------------------------------------- normalization
+def _norm_infer(types, attrs):
+    x = types[0]
+    for t in types[1:]:
+        if t.rank != 1 or not dims_equal(t.shape[0], x.shape[-1]):
+            raise IRTypeError(f"norm parameter {t} does not match the last dim of {x}")
+    return x
+
+
+def _layer_norm(x, weight=None, bias=None, eps=1e-5):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _rms_norm(x, weight=None, eps=None):
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+register("layer_norm", _norm_infer, _layer_norm, inputs=(1, 3))
+register("rms_norm", _norm_infer, _rms_norm, inputs=(1, 2))
+
+
+# ----------------------------------------------------------------------------- attention
+def _attention_infer(types, attrs):
+    q, k, v = types[:3]
+    if q.rank != 4 or k.rank != 4 or v.rank != 4:
+        raise IRTypeError(f"attention takes [B, H, S, D] tensors, got {q}, {k}, {v}")
+    return q.with_shape(q.shape[:-1] + (v.shape[-1],))
+
+
+def _attention(q, k, v, mask=None, causal=False, scale=None, gqa=False):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+register("attention", _attention_infer, _attention, inputs=(3, 4))
+register("paged_attention", _same, attention_reference.paged_attention, inputs=5)
+register("kv_cache_write", _same, attention_reference.kv_cache_write, inputs=4, aliases_input=0)
+
+
+# ----------------------------------------------------------------------------- shapes and views
+def _reshape_infer(types, attrs):
+    x, shape = types[0], list(attrs["shape"])
+    if sum(1 for d in shape if isinstance(d, int) and d == -1) > 1:
+        raise IRTypeError(f"reshape: more than one -1 in {shape}")
+    if -1 in shape:
+        known = _prod([d for d in shape if not (isinstance(d, int) and d == -1)])
+        shape[shape.index(-1)] = as_dim(sympy.sympify(x.numel()) / known)
+    if not dims_equal(_prod(shape), x.numel()):
+        raise IRTypeError(f"reshape: {x} has {x.numel()} elements, shape {shape} has {_prod(shape)}")
+    return x.with_shape(shape)
+
+
+register("reshape", _reshape_infer, lambda x, shape: x.reshape(list(shape)))
+
+
+def _permute_infer(types, attrs):
+    x, dims = types[0], attrs["dims"]
+    if sorted(_norm_dim(d, x.rank) for d in dims) != list(range(x.rank)):
+        raise IRTypeError(f"permute: {list(dims)} is not a permutation of rank {x.rank}")
+    return x.with_shape(x.shape[d] for d in dims)
+
+
+register("permute", _permute_infer, lambda x, dims: x.permute(list(dims)))
+
+
+def _expand_infer(types, attrs):
+    x, shape = types[0], list(attrs["shape"])
+    offset = len(shape) - x.rank
+    out = [x.shape[i - offset] if isinstance(d, int) and d == -1 else d for i, d in enumerate(shape)]
+    broadcast_shapes(x.shape, out)
+    return x.with_shape(out)
+
+
+register("expand", _expand_infer, lambda x, shape: x.expand(list(shape)))
+
+
+def _slice_infer(types, attrs):
+    x = types[0]
+    dim = _norm_dim(attrs["dim"], x.rank)
+    start, end, step = attrs.get("start", 0), attrs.get("end"), attrs.get("step", 1)
+    size = x.shape[dim]
+    end = size if end is None else end
+    if isinstance(end, int) and isinstance(size, int):
+        end = min(end, size)
+    length = floordiv(as_dim(end - start + step - 1), step)
+    shape = list(x.shape)
+    shape[dim] = length
+    return x.with_shape(shape)
+
+
+def _slice(x, dim, start=0, end=None, step=1):
+    index = [slice(None)] * x.dim()
+    index[dim] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+register("slice", _slice_infer, _slice)
+
+
+def _select_infer(types, attrs):
+    x = types[0]
+    dim = _norm_dim(attrs["dim"], x.rank)
+    return x.with_shape(x.shape[:dim] + x.shape[dim + 1 :])
+
+
+register("select", _select_infer, lambda x, dim, index: x.select(dim, index))
+
+
+def _concat_infer(types, attrs):
+    first = types[0]
+    dim = _norm_dim(attrs["dim"], first.rank)
+    for t in types[1:]:
+        if t.rank != first.rank or any(not dims_equal(a, b) for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim):
+            raise IRTypeError(f"concat: {t} does not match {first} outside dim {dim}")
+    shape = list(first.shape)
+    shape[dim] = as_dim(sum((sympy.sympify(t.shape[dim]) for t in types), sympy.Integer(0)))
+    return first.with_shape(shape)
+
+
+register("concat", _concat_infer, lambda *xs, dim: torch.cat(xs, dim=dim), inputs=(1, None))
+
+
+def _index_select_infer(types, attrs):
+    x, index = types
+    dim = _norm_dim(attrs["dim"], x.rank)
+    if index.rank != 1 or index.dtype not in ("i64", "i32"):
+        raise IRTypeError(f"index_select takes a 1-d integer index, got {index}")
+    shape = list(x.shape)
+    shape[dim] = index.shape[0]
+    return x.with_shape(shape)
+
+
+register("index_select", _index_select_infer, lambda x, index, dim: x.index_select(dim, index), inputs=2)
+
+
+# ----------------------------------------------------------------------------- generators
+register(
+    "full",
+    lambda t, a: TensorType(tuple(a["shape"]), a["dtype"]),
+    lambda shape, value, dtype: torch.full(list(shape), value, dtype=TensorType((), dtype).torch_dtype),
+    inputs=0,
+)
+
+
+def _arange_infer(types, attrs):
+    start, end, step = attrs.get("start", 0), attrs["end"], attrs.get("step", 1)
+    return TensorType((floordiv(as_dim(end - start + step - 1), step),), attrs["dtype"])
+
+
+register(
+    "arange",
+    _arange_infer,
+    lambda end, dtype, start=0, step=1: torch.arange(start, end, step, dtype=TensorType((), dtype).torch_dtype),
+    inputs=0,
+)

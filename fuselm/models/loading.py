@@ -1,0 +1,79 @@
+"""`load(name_or_path)`: a ready-to-run fuselm model, its tokenizer and its config.
+
+A name from `hub.NAMED_MODELS` is fetched first; anything else is a path: a Hugging
+Face directory (config.json + safetensors) or a `.gguf` file. The model class follows
+`config.model_type`; the checkpoint's Hugging Face-named state dict goes through that
+model module's `hf_to_fuselm_state_dict` and loads strictly. The model comes back in
+eval mode, in `dtype`, with gradients off.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from . import hub
+
+# model_type -> (module, class) of fuselm's definition
+MODEL_CLASSES = {
+    "llama": ("fuselm.models.llama", "LlamaForCausalLM"),
+    "gpt2": ("fuselm.models.gpt2", "GPT2LMHeadModel"),
+    "bert": ("fuselm.models.bert", "BertModel"),
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Optional[Any]  # fuselm.models.tokenizer.Tokenizer; None if the directory has none
+    config: Any               # LlamaConfig | GPT2Config | BertConfig
+    source: Path
+
+
+def load(name_or_path: Union[str, Path], dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a named model (see `hub.NAMED_MODELS`), a Hugging Face directory or a .gguf file."""
+    source = resolve_source(name_or_path)
+    config, state_dict, tokenizer = read_checkpoint(source)
+    model = build_model(config, state_dict, dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=source)
+
+
+def resolve_source(name_or_path: Union[str, Path]) -> Path:
+    if isinstance(name_or_path, str) and name_or_path in hub.NAMED_MODELS:
+        return hub.fetch(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ValueError(f"{name_or_path!r} is neither an existing path nor a named model; "
+                         f"named models: {sorted(hub.NAMED_MODELS)}")
+    return path
+
+
+def read_checkpoint(source: Path):
+    """(config, Hugging Face-named state dict, tokenizer) of a directory or a .gguf file."""
+    if source.is_dir():
+        from .hf_loader import load_hf_dir
+
+        return load_hf_dir(source)
+    if source.suffix.lower() == ".gguf":
+        from .gguf_loader import load_gguf
+
+        return load_gguf(source)
+    raise ValueError(f"{source}: expected a Hugging Face model directory or a .gguf file")
+
+
+def model_class(model_type: str) -> type:
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"no fuselm model for model_type {model_type!r}; supported: {sorted(MODEL_CLASSES)}")
+    module, name = MODEL_CLASSES[model_type]
+    return getattr(importlib.import_module(module), name)
+
+
+def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
+    cls = model_class(config.model_type)
+    convert = importlib.import_module(cls.__module__).hf_to_fuselm_state_dict
+    model = cls(config)
+    model.load_state_dict(convert(state_dict), strict=True)
+    return model.to(dtype).eval().requires_grad_(False)

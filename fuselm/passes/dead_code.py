@@ -1,0 +1,28 @@
+"""Dead-code elimination.
+
+Walk backwards from the graph outputs, marking every node they need; drop the nodes
+nobody marked, and the constants no kept node reads. Outputs are the only roots: a
+cache write survives because the updated cache is an output, not because it is special.
+"""
+from __future__ import annotations
+
+from ..ir.graph import Constant, Graph, Node
+from .base import counters
+
+
+def eliminate_dead_code(graph: Graph) -> Graph:
+    live: set = set()
+    stack = [v for v in graph.outputs if isinstance(v, Node)]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(v for v in node.inputs if isinstance(v, Node))
+    nodes = [n for n in graph.nodes if n in live]
+    read = {v.name for n in nodes for v in n.inputs if isinstance(v, Constant)}
+    read |= {v.name for v in graph.outputs if isinstance(v, Constant)}
+    constants = {name: t for name, t in graph.constants.items() if name in read}
+    removed = len(graph.nodes) - len(nodes)
+    counters["dead_code.nodes"] += removed
+    counters["dead_code.constants"] += len(graph.constants) - len(constants)
+    return Graph(list(graph.inputs), nodes, list(graph.outputs), constants)

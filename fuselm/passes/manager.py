@@ -1,0 +1,68 @@
+"""The pass pipeline: a flat, named list of Graph -> Graph functions.
+
+`run_passes` applies them in order, skipping any named in `disable`; with
+`FUSELM_VERIFY=1` the verifier checks the graph after every pass, and with a
+`dump_dir` the graph is written as `NN_<pass>.ir` before the first pass (00_captured)
+and after each one, like TVM's DumpIR and TORCH_COMPILE_DEBUG.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from ..ir.graph import Graph
+from ..ir.verify import verify
+from .common_subexpressions import eliminate_common_subexpressions
+from .constant_folding import fold_constants
+from .dead_code import eliminate_dead_code
+from .remove_identities import remove_identities
+
+Pass = tuple  # (name, Graph -> Graph)
+
+CLEANUP: list = [
+    ("remove_identities", remove_identities),
+    ("constant_folding", fold_constants),
+    ("common_subexpressions", eliminate_common_subexpressions),
+    ("dead_code", eliminate_dead_code),
+]
+
+PIPELINE: list = list(CLEANUP)
+
+
+def verification_enabled() -> bool:
+    return os.environ.get("FUSELM_VERIFY", "") not in ("", "0")
+
+
+def run_passes(
+    graph: Graph,
+    passes: Optional[Iterable[Pass]] = None,
+    disable: Iterable[str] = (),
+    dump_dir: Optional[str] = None,
+) -> Graph:
+    passes = [p for p in (PIPELINE if passes is None else passes) if p[0] not in set(disable)]
+    known = {name for name, _ in (PIPELINE if passes is None else passes)} | {name for name, _ in PIPELINE}
+    unknown = set(disable) - known
+    if unknown:
+        raise ValueError(f"cannot disable unknown passes {sorted(unknown)}; the pipeline is {[n for n, _ in PIPELINE]}")
+    dump = _dumper(dump_dir)
+    dump(0, "captured", graph)
+    for index, (name, fn) in enumerate(passes, start=1):
+        graph = fn(graph)
+        if verification_enabled():
+            verify(graph)
+        dump(index, name, graph)
+    return graph
+
+
+def _dumper(dump_dir: Optional[str]) -> Callable:
+    dump_dir = dump_dir or os.environ.get("FUSELM_DUMP") or None
+    if not dump_dir:
+        return lambda index, name, graph: None
+    directory = Path(dump_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def dump(index: int, name: str, graph: Graph) -> None:
+        (directory / f"{index:02d}_{name}.ir").write_text(str(graph))
+
+    return dump
