@@ -144,7 +144,9 @@ def index_tensor(cv, x, indices):
 
 # ----------------------------------------------------------------------------- the heavy ops
 def linear(cv, x, weight, bias=None):
-    return cv.op("gemm", x, weight, *([bias] if bias is not None else []))
+    if bias is None:
+        return cv.op("gemm", x, weight)
+    return cv.op("gemm", x, weight, bias, epilogue=("bias",))
 
 
 def matmul(cv, a, b):

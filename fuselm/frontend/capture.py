@@ -179,8 +179,9 @@ class _Converter:
     def _call(self, fx_node):
         handler = ATEN_TABLE.get(fx_node.target)
         if handler is None:
-            name = getattr(fx_node.target, "__name__", str(fx_node.target))
-            raise UnsupportedOpError(str(getattr(fx_node.target, "_name", name)), source_of(fx_node))
+            target = fx_node.target
+            name = str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+            raise UnsupportedOpError(name, source_of(fx_node))
         args = [self.arg(a) for a in fx_node.args]
         kwargs = {k: self.arg(v) for k, v in fx_node.kwargs.items()}
         return handler(self, *args, **kwargs)

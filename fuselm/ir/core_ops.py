@@ -2,7 +2,7 @@
 
 Conventions: a binary elementwise op takes two tensors, or one tensor and a `scalar`
 attribute (`reverse=True` when the scalar is the left operand); shapes broadcast as in
-torch. `gemm(x, w[, b])` is torch's linear (w is [N, K]). Fused forms are ordinary ops
+torch. `gemm(x, w, ...)` is torch's linear (w is [N, K]) plus an epilogue. Fused forms are ordinary ops
 with attributes, so a fused graph stays interpretable.
 """
 from __future__ import annotations
@@ -174,16 +174,55 @@ register("log_softmax", _same, lambda x, dim: torch.log_softmax(x, dim=dim))
 
 
 # ----------------------------------------------------------------------------- linear algebra
+# gemm(x, w, *extras) {epilogue=[...]}: y = x @ w.T, then each epilogue step in order.
+# "bias" and "residual" read the next extra input ([N] and [..., N]); "gated_silu"
+# splits the columns in halves [gate | up] and yields silu(gate) * up (N -> N/2).
+ACTIVATIONS = {
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu": F.silu,
+}
+EPILOGUE_INPUTS = {"bias": 1, "residual": 1}
+
+
 def _gemm_infer(types, attrs):
-    x, w = types[0], types[1]
+    x, w, extras = types[0], types[1], list(types[2:])
     if w.rank != 2 or not dims_equal(x.shape[-1], w.shape[1]):
         raise IRTypeError(f"gemm: x {x} and weight {w} disagree on K (weight is [N, K])")
-    if len(types) == 3 and not (types[2].rank == 1 and dims_equal(types[2].shape[0], w.shape[0])):
-        raise IRTypeError(f"gemm: bias {types[2]} does not match N={w.shape[0]}")
-    return TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)
+    n = w.shape[0]
+    for step in attrs.get("epilogue", ()):
+        if step in EPILOGUE_INPUTS:
+            if not extras:
+                raise IRTypeError(f"gemm: epilogue step {step!r} has no input left")
+            extra = extras.pop(0)
+            if not dims_equal(extra.shape[-1], n) or (step == "bias" and extra.rank != 1):
+                raise IRTypeError(f"gemm: {step} {extra} does not match N={n}")
+        elif step == "gated_silu":
+            n = floordiv(n, 2)
+        elif step not in ACTIVATIONS:
+            raise IRTypeError(f"gemm: unknown epilogue step {step!r}")
+    if extras:
+        raise IRTypeError(f"gemm: {len(extras)} inputs beyond what the epilogue {list(attrs.get('epilogue', ()))} reads")
+    return TensorType(x.shape[:-1] + (n,), x.dtype)
 
 
-register("gemm", _gemm_infer, lambda x, w, b=None: F.linear(x, w, b), inputs=(2, 3))
+def gemm_reference(x, w, *extras, epilogue=()):
+    y, extras = F.linear(x, w), list(extras)
+    for step in epilogue:
+        if step == "bias":
+            y = y + extras.pop(0)
+        elif step == "residual":
+            y = y + extras.pop(0)
+        elif step == "gated_silu":
+            gate, up = y.chunk(2, dim=-1)
+            y = F.silu(gate) * up
+        else:
+            y = ACTIVATIONS[step](y)
+    return y
+
+
+register("gemm", _gemm_infer, gemm_reference, inputs=(2, None))
 
 
 def _matmul_infer(types, attrs):

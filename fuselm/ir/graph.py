@@ -77,6 +77,12 @@ class Graph:
             counts[value] = counts.get(value, 0) + 1
         return counts
 
+    def without_unused_constants(self) -> "Graph":
+        read = {v.name for n in self.nodes for v in n.inputs if isinstance(v, Constant)}
+        read |= {v.name for v in self.outputs if isinstance(v, Constant)}
+        constants = {name: t for name, t in self.constants.items() if name in read}
+        return self if len(constants) == len(self.constants) else Graph(self.inputs, self.nodes, self.outputs, constants)
+
     def op_counts(self) -> dict:
         counts: dict = {}
         for node in self.nodes:
@@ -168,4 +174,4 @@ def transform(graph: Graph, visit) -> Graph:
         inputs = tuple(mapped(v) for v in node.inputs)
         result = visit(builder, node, inputs)
         env[node] = copy_node(builder, node, inputs) if result is None else result
-    return builder.build(mapped(v) for v in graph.outputs)
+    return builder.build(mapped(v) for v in graph.outputs).without_unused_constants()

@@ -75,7 +75,10 @@ def read_config(reader) -> LlamaConfig:
                          f"{list(SUPPORTED_ARCHITECTURES)} from GGUF (GPT-2 and BERT from a "
                          "Hugging Face directory)")
     check_no_rope_scaling(reader, architecture)
-    arch = lambda key, default=None: metadata(reader, f"{architecture}.{key}", default)  # noqa: E731
+
+    def arch(key: str, default: Any = None) -> Any:
+        return metadata(reader, f"{architecture}.{key}", default)
+
     tokens = metadata(reader, "tokenizer.ggml.tokens")
     tensor_names = {tensor.name for tensor in reader.tensors}
     num_heads = arch("attention.head_count")

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from . import hub
+from .tokenizer import Tokenizer
 
 # model_type -> (module, class) of fuselm's definition
 MODEL_CLASSES = {
@@ -28,7 +29,7 @@ MODEL_CLASSES = {
 @dataclass(frozen=True)
 class LoadedModel:
     model: torch.nn.Module
-    tokenizer: Optional[Any]  # fuselm.models.tokenizer.Tokenizer; None if the directory has none
+    tokenizer: Optional[Tokenizer]  # None for a Hugging Face directory without tokenizer.json
     config: Any               # LlamaConfig | GPT2Config | BertConfig
     source: Path
 

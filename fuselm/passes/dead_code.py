@@ -6,7 +6,7 @@ cache write survives because the updated cache is an output, not because it is s
 """
 from __future__ import annotations
 
-from ..ir.graph import Constant, Graph, Node
+from ..ir.graph import Graph, Node
 from .base import counters
 
 
@@ -19,10 +19,7 @@ def eliminate_dead_code(graph: Graph) -> Graph:
             live.add(node)
             stack.extend(v for v in node.inputs if isinstance(v, Node))
     nodes = [n for n in graph.nodes if n in live]
-    read = {v.name for n in nodes for v in n.inputs if isinstance(v, Constant)}
-    read |= {v.name for v in graph.outputs if isinstance(v, Constant)}
-    constants = {name: t for name, t in graph.constants.items() if name in read}
-    removed = len(graph.nodes) - len(nodes)
-    counters["dead_code.nodes"] += removed
-    counters["dead_code.constants"] += len(graph.constants) - len(constants)
-    return Graph(list(graph.inputs), nodes, list(graph.outputs), constants)
+    result = Graph(list(graph.inputs), nodes, list(graph.outputs), graph.constants).without_unused_constants()
+    counters["dead_code.nodes"] += len(graph.nodes) - len(nodes)
+    counters["dead_code.constants"] += len(graph.constants) - len(result.constants)
+    return result
