@@ -82,3 +82,10 @@ def causal_attention(query: Tensor, keys: Tensor, values: Tensor, scale: float) 
     visible = key_positions[None, :] <= query_positions[:, None]
     probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, values).to(query.dtype)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of x [T, H, D] with cos/sin [T, D] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

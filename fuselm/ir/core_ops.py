@@ -247,12 +247,30 @@ register("embedding", _embedding_infer, lambda table, ids: F.embedding(ids, tabl
 
 
 # ----------------------------------------------------------------------------- normalization
+# layer_norm(x[, w[, b]][, residual]) / rms_norm(x[, w][, residual]) {eps, residual=false}
+# normalize the last dimension. With residual=true the last input is added first and the
+# result stacks both outputs: out[0] = norm(x + residual), out[1] = x + residual (the
+# new residual stream), so one kernel yields both and one node keeps one result.
 def _norm_infer(types, attrs):
-    x = types[0]
-    for t in types[1:]:
+    x, params = types[0], list(types[1:])
+    if attrs.get("residual", False):
+        if not params or not params[-1].same_as(x):
+            raise IRTypeError(f"norm: the residual input must have x's type {x}")
+        params.pop()
+    for t in params:
         if t.rank != 1 or not dims_equal(t.shape[0], x.shape[-1]):
             raise IRTypeError(f"norm parameter {t} does not match the last dim of {x}")
-    return x
+    return x.with_shape((2,) + x.shape) if attrs.get("residual", False) else x
+
+
+def _with_residual(norm):
+    def reference(x, *params, eps=None, residual=False):
+        if not residual:
+            return norm(x, *params, eps=eps)
+        total = x + params[-1]
+        return torch.stack([norm(total, *params[:-1], eps=eps), total])
+
+    return reference
 
 
 def _layer_norm(x, weight=None, bias=None, eps=1e-5):
@@ -263,8 +281,8 @@ def _rms_norm(x, weight=None, eps=None):
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-register("layer_norm", _norm_infer, _layer_norm, inputs=(1, 3))
-register("rms_norm", _norm_infer, _rms_norm, inputs=(1, 2))
+register("layer_norm", _norm_infer, _with_residual(_layer_norm), inputs=(1, 4))
+register("rms_norm", _norm_infer, _with_residual(_rms_norm), inputs=(1, 3))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -280,8 +298,32 @@ def _attention(q, k, v, mask=None, causal=False, scale=None, gqa=False):
 
 
 register("attention", _attention_infer, _attention, inputs=(3, 4))
-register("paged_attention", _same, attention_reference.paged_attention, inputs=5)
-register("kv_cache_write", _same, attention_reference.kv_cache_write, inputs=4, aliases_input=0)
+# rope(x[T,H,D], cos[T,D], sin[T,D]): rotary embedding, rotate-half convention.
+def _rope_infer(types, attrs):
+    x, cos, sin = types
+    if x.rank != 3 or not cos.same_as(sin) or cos.rank != 2 or not dims_equal(cos.shape[-1], x.shape[-1]):
+        raise IRTypeError(f"rope takes x [T,H,D] and cos/sin [T,D], got {x}, {cos}, {sin}")
+    return x
+
+
+register("rope", _rope_infer, attention_reference.rope, inputs=3)
+
+
+# The cache ops may apply rope themselves (attr rope=true, cos and sin as the last two
+# inputs): rope on the keys as they are written, on the queries as they are read.
+def _with_rope(op):
+    def reference(*inputs, rope=False, **attrs):
+        if rope:
+            *inputs, cos, sin = inputs
+            rotated = 1 if op is attention_reference.kv_cache_write else 0
+            inputs[rotated] = attention_reference.rope(inputs[rotated], cos, sin)
+        return op(*inputs, **attrs)
+
+    return reference
+
+
+register("paged_attention", _same, _with_rope(attention_reference.paged_attention), inputs=(5, 7))
+register("kv_cache_write", _same, _with_rope(attention_reference.kv_cache_write), inputs=(4, 6), aliases_input=0)
 
 
 # ----------------------------------------------------------------------------- shapes and views

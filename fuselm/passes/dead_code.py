@@ -10,7 +10,8 @@ from ..ir.graph import Graph, Node
 from .base import counters
 
 
-def eliminate_dead_code(graph: Graph) -> Graph:
+def prune(graph: Graph) -> Graph:
+    """The graph without dead nodes and unread constants (counts nothing)."""
     live: set = set()
     stack = [v for v in graph.outputs if isinstance(v, Node)]
     while stack:
@@ -19,7 +20,11 @@ def eliminate_dead_code(graph: Graph) -> Graph:
             live.add(node)
             stack.extend(v for v in node.inputs if isinstance(v, Node))
     nodes = [n for n in graph.nodes if n in live]
-    result = Graph(list(graph.inputs), nodes, list(graph.outputs), graph.constants).without_unused_constants()
-    counters["dead_code.nodes"] += len(graph.nodes) - len(nodes)
+    return Graph(list(graph.inputs), nodes, list(graph.outputs), graph.constants).without_unused_constants()
+
+
+def eliminate_dead_code(graph: Graph) -> Graph:
+    result = prune(graph)
+    counters["dead_code.nodes"] += len(graph.nodes) - len(result.nodes)
     counters["dead_code.constants"] += len(graph.constants) - len(result.constants)
     return result

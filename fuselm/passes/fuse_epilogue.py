@@ -1,0 +1,102 @@
+"""Fuse what follows a gemm into its epilogue: bias, activation, gated SiLU, residual.
+
+Each rule matches a gemm whose only user is the op after it and appends one step to
+the gemm's `epilogue` (see `gemm` in ir/core_ops.py), so a chain like
+gemm -> add bias -> gelu -> add residual becomes one gemm in a few sweeps. The gated
+form silu(x·Wg) * (x·Wu) of two gemms over one input becomes one gemm over the
+concatenated weight [Wg; Wu] with the `gated_silu` step, which halves the columns.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir.types import dims_equal
+from .patterns import Any, Const, Op, Rule, rewrite
+
+def _no_epilogue(epilogue) -> bool:
+    return not epilogue
+
+
+def extend_epilogue(builder, gemm, step: str, extra=None):
+    """A copy of (new-graph) `gemm` with one more epilogue step (and its extra input)."""
+    inputs = tuple(gemm.inputs) + ((extra,) if extra is not None else ())
+    epilogue = tuple(gemm.attrs.get("epilogue", ())) + (step,)
+    return builder.op("gemm", *inputs, epilogue=epilogue, source=gemm.source)
+
+
+def _bias(builder, m):
+    gemm, bias = m.g, m.b
+    if bias.type.rank != 1 or not dims_equal(bias.type.shape[0], gemm.type.shape[-1]) or bias.type.dtype != gemm.type.dtype:
+        return None
+    return extend_epilogue(builder, gemm, "bias", bias)
+
+
+def _residual(builder, m):
+    if not m.r.type.same_as(m.g.type):  # a broadcasting add is not a residual
+        return None
+    return extend_epilogue(builder, m.g, "residual", m.r)
+
+
+def _activation(step):
+    return lambda builder, m: extend_epilogue(builder, m.g, step)
+
+
+def _silu(builder, m):
+    """silu(gemm), unless it is the gate of a gated pair (that rule fuses both gemms)."""
+    users = m.users.get(m.old("act"), [])
+    gate_of_pair = len(users) == 1 and users[0].op == "mul" and any(getattr(v, "op", None) == "gemm" for v in users[0].inputs)
+    return None if gate_of_pair else extend_epilogue(builder, m.g, "silu")
+
+
+def _gated_silu(builder, m):
+    gate, up = m.wg, m.wu
+    if not gate.type.same_as(up.type):
+        return None
+    weight = torch.cat([builder.constants[gate.name], builder.constants[up.name]], dim=0)
+    fused = builder.constant(builder.fresh_constant_name(concatenated_name([gate.name, up.name])), weight)
+    return builder.op("gemm", m.x, fused, epilogue=("gated_silu",), source=m.old("up").source)
+
+
+def concatenated_name(names: list) -> str:
+    """`a.b.gate_proj.weight` + `a.b.up_proj.weight` -> `a.b.gate_proj+up_proj.weight`."""
+    split = [n.split(".") for n in names]
+    head = 0
+    while all(len(p) > head + 1 and p[head] == split[0][head] for p in split):
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 and p[-1 - tail] == split[0][-1 - tail] for p in split):
+        tail += 1
+    middles = ["_".join(p[head : len(p) - tail]) for p in split]
+    return ".".join(split[0][:head] + ["+".join(middles)] + (split[0][len(split[0]) - tail :] if tail else []))
+
+
+def _gemm(bind: str, **attrs):
+    return Op("gemm", Any(), Any(), bind=bind, exact_arity=False, **attrs)
+
+
+RULES = [
+    # gemm + bias vector (first step only: a bias after an activation is not linear's)
+    Rule("bias", Op("add", _gemm("g", epilogue=_no_epilogue), Any("b"), commutative=True), _bias),
+    # gemm -> activation
+    Rule("relu", Op("relu", _gemm("g")), _activation("relu")),
+    Rule("silu", Op("silu", _gemm("g"), bind="act"), _silu),
+    Rule("gelu", Op("gelu", _gemm("g"), approximate="none"), _activation("gelu")),
+    Rule("gelu_tanh", Op("gelu", _gemm("g"), approximate="tanh"), _activation("gelu_tanh")),
+    # silu(x·Wg) * (x·Wu) -> one gemm over [Wg; Wu] with the gated epilogue
+    Rule(
+        "gated_silu",
+        Op(
+            "mul",
+            Op("silu", Op("gemm", Any("x"), Const("wg"), epilogue=_no_epilogue)),
+            Op("gemm", Any("x"), Const("wu"), epilogue=_no_epilogue, bind="up"),
+            commutative=True,
+        ),
+        _gated_silu,
+    ),
+    # gemm + a residual of the same shape
+    Rule("residual", Op("add", _gemm("g"), Any("r"), commutative=True), _residual),
+]
+
+
+def fuse_epilogue(graph):
+    return rewrite(graph, RULES, "fuse_epilogue")
