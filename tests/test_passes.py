@@ -8,7 +8,7 @@ from fuselm.passes import PIPELINE, counters, run_passes
 from fuselm.passes.common_subexpressions import eliminate_common_subexpressions
 from fuselm.passes.constant_folding import fold_constants
 from fuselm.passes.dead_code import eliminate_dead_code
-from fuselm.passes.remove_identities import remove_identities
+from fuselm.passes.canonicalize import canonicalize
 
 T = symbol("T")
 
@@ -111,7 +111,7 @@ def test_constant_folding_leaves_graph_inputs_alone():
     assert counters["constant_folding.folded"] == 0
 
 
-def test_remove_identities():
+def test_canonicalize_removes_identities():
     b = GraphBuilder()
     x = b.input("x", TensorType(("T", 4), "f32"))
     y = b.op("reshape", x, shape=(T, 4))
@@ -120,9 +120,9 @@ def test_remove_identities():
     y = b.op("permute", y, dims=(0, 1))
     kept = b.op("reshape", y, shape=(T, 2, 2))  # a real reshape
     before = b.build([kept])
-    after = remove_identities(before)
+    after = canonicalize(before)
     assert [n.op for n in after.nodes] == ["reshape"] and after.nodes[0].inputs[0] is x
-    assert sum(v for k, v in counters.items() if k.startswith("remove_identities.")) == 4
+    assert sum(v for k, v in counters.items() if k.startswith("canonicalize.")) == 4
     assert_same_results(before, after, torch.randn(3, 4))
 
 

@@ -8,10 +8,9 @@ concatenated weight [Wg; Wu] with the `gated_silu` step, which halves the column
 """
 from __future__ import annotations
 
-import torch
-
 from ..ir.types import dims_equal
 from .patterns import Any, Const, Op, Rule, rewrite
+from .weights import concatenated_constant
 
 def _no_epilogue(epilogue) -> bool:
     return not epilogue
@@ -52,22 +51,8 @@ def _gated_silu(builder, m):
     gate, up = m.wg, m.wu
     if not gate.type.same_as(up.type):
         return None
-    weight = torch.cat([builder.constants[gate.name], builder.constants[up.name]], dim=0)
-    fused = builder.constant(builder.fresh_constant_name(concatenated_name([gate.name, up.name])), weight)
+    fused = concatenated_constant(builder, [gate, up])
     return builder.op("gemm", m.x, fused, epilogue=("gated_silu",), source=m.old("up").source)
-
-
-def concatenated_name(names: list) -> str:
-    """`a.b.gate_proj.weight` + `a.b.up_proj.weight` -> `a.b.gate_proj+up_proj.weight`."""
-    split = [n.split(".") for n in names]
-    head = 0
-    while all(len(p) > head + 1 and p[head] == split[0][head] for p in split):
-        head += 1
-    tail = 0
-    while all(len(p) > head + tail + 1 and p[-1 - tail] == split[0][-1 - tail] for p in split):
-        tail += 1
-    middles = ["_".join(p[head : len(p) - tail]) for p in split]
-    return ".".join(split[0][:head] + ["+".join(middles)] + (split[0][len(split[0]) - tail :] if tail else []))
 
 
 def _gemm(bind: str, **attrs):

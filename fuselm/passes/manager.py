@@ -16,18 +16,32 @@ from ..ir.verify import verify
 from .common_subexpressions import eliminate_common_subexpressions
 from .constant_folding import fold_constants
 from .dead_code import eliminate_dead_code
-from .remove_identities import remove_identities
+from .fuse_attention import fuse_attention
+from .fuse_epilogue import fuse_epilogue
+from .fuse_norm import fuse_norm
+from .fuse_sibling_gemms import fuse_sibling_gemms
+from .canonicalize import canonicalize
 
 Pass = tuple  # (name, Graph -> Graph)
 
 CLEANUP: list = [
-    ("remove_identities", remove_identities),
+    ("canonicalize", canonicalize),
     ("constant_folding", fold_constants),
     ("common_subexpressions", eliminate_common_subexpressions),
     ("dead_code", eliminate_dead_code),
 ]
 
-PIPELINE: list = list(CLEANUP)
+# Order matters: attention and rope first (they consume matmuls and elementwise chains),
+# then epilogues (the gated rule needs the gate/up gemms still separate), then siblings
+# (q/k/v), then residual adds into norms (adds a gemm epilogue did not take).
+FUSION: list = [
+    ("fuse_attention", fuse_attention),
+    ("fuse_epilogue", fuse_epilogue),
+    ("fuse_sibling_gemms", fuse_sibling_gemms),
+    ("fuse_norm", fuse_norm),
+]
+
+PIPELINE: list = CLEANUP + FUSION + [("dead_code_final", eliminate_dead_code)]
 
 
 def verification_enabled() -> bool:

@@ -1,11 +1,14 @@
-"""Remove ops that return their input unchanged (canonical form for later patterns).
+"""Canonical forms, so later patterns see one spelling of each computation.
 
-Rules are data: op name -> a test on (node, input type) saying the op is a no-op.
-A matching node is replaced by its first input.
+1. Ops that return their input unchanged are removed. Rules are data: op name -> a test
+   on (node, input) saying the op is a no-op; the node is replaced by its input.
+2. A reshape of a reshape reads the first one's input directly (and vanishes when the
+   shapes then agree), so view chains like Hugging Face's repeat_kv with one group
+   collapse.
 """
 from __future__ import annotations
 
-from ..ir.graph import Graph, transform
+from ..ir.graph import Graph, Node, transform
 from .base import counters
 
 IDENTITY_RULES = {
@@ -26,12 +29,19 @@ IDENTITY_RULES = {
 }
 
 
-def remove_identities(graph: Graph) -> Graph:
+def canonicalize(graph: Graph) -> Graph:
     def visit(builder, node, inputs):
+        source = inputs[0] if inputs else None
+        if node.op == "reshape" and isinstance(source, Node) and source.op == "reshape":
+            counters["canonicalize.reshape_chain"] += 1
+            source = source.inputs[0]
+            if source.type.same_as(node.type):
+                return source
+            return builder.op("reshape", source, **node.attrs, source=node.source)
         rule = IDENTITY_RULES.get(node.op)
-        if rule and inputs and rule(node, inputs[0]):
-            counters[f"remove_identities.{node.op}"] += 1
-            return inputs[0]
+        if rule and inputs and rule(node, source):
+            counters[f"canonicalize.{node.op}"] += 1
+            return source
         return None
 
     return transform(graph, visit)
