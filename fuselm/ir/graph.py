@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .types import TensorType
+from .types import TensorType, as_dim
 
 
 class Value:
@@ -131,6 +131,7 @@ class GraphBuilder:
     def op(self, op: str, *inputs: Value, source: Optional[str] = None, **attrs) -> Node:
         from .registry import infer_type
 
+        attrs = {k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items()}
         node_type = infer_type(op, [v.type for v in inputs], attrs)
         return self.add(Node(op, tuple(inputs), attrs, node_type, source))
 
@@ -175,3 +176,24 @@ def transform(graph: Graph, visit) -> Graph:
         result = visit(builder, node, inputs)
         env[node] = copy_node(builder, node, inputs) if result is None else result
     return builder.build(mapped(v) for v in graph.outputs).without_unused_constants()
+
+
+def substitute_symbols(graph: Graph, mapping: dict) -> Graph:
+    """The same graph with symbolic dims renamed ({old symbol: new expression})."""
+    import sympy
+
+    def sub(value):
+        if isinstance(value, sympy.Expr):
+            return as_dim(value.xreplace(mapping))
+        if isinstance(value, tuple):
+            return tuple(sub(v) for v in value)
+        return value
+
+    def retyped(t: TensorType) -> TensorType:
+        return TensorType(tuple(sub(d) for d in t.shape), t.dtype)
+
+    env = {v: Input(v.name, retyped(v.type)) for v in graph.inputs}
+    for node in graph.nodes:
+        attrs = {k: sub(v) for k, v in node.attrs.items()}
+        env[node] = Node(node.op, tuple(env.get(v, v) for v in node.inputs), attrs, retyped(node.type), node.source)
+    return Graph([env[v] for v in graph.inputs], [env[n] for n in graph.nodes], [env.get(v, v) for v in graph.outputs], graph.constants)
