@@ -11,14 +11,13 @@ import torch
 from fuselm import ir
 from fuselm.frontend import capture
 from fuselm.ir import GraphBuilder, TensorType, symbol
-from fuselm.models import llama
-from fuselm.models.config import LlamaConfig
-from fuselm.models.contract import capture_example, pack_prompts
+from fuselm.models.contract import pack_prompts
 from fuselm.passes import CLEANUP, counters, run_passes
 from fuselm.passes.fuse_attention import fuse_attention
 from fuselm.passes.fuse_epilogue import fuse_epilogue
 from fuselm.passes.fuse_norm import fuse_norm
 from fuselm.passes.fuse_sibling_gemms import fuse_sibling_gemms
+from tiny_models import captured, tiny_llama
 
 T = symbol("T")
 
@@ -187,12 +186,8 @@ def test_attention_without_softmax_is_left_alone():
 
 @pytest.fixture(scope="module")
 def llama_graph():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = llama.LlamaForCausalLM(config).eval()
-    example, dynamic = capture_example(config)
-    return config, run_passes(capture(model, example, dynamic), passes=CLEANUP)
+    config, model = tiny_llama()
+    return config, run_passes(captured(config, model), passes=CLEANUP)
 
 
 def test_rope_is_found_and_folded_into_the_cache_ops(llama_graph):

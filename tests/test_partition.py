@@ -13,22 +13,19 @@ from fuselm.frontend import capture
 from fuselm.ir import GraphBuilder, TensorType, symbol
 
 T = symbol("T")
-from fuselm.models import bert, llama
-from fuselm.models.config import BertConfig, LlamaConfig
+from fuselm.models import bert
+from fuselm.models.config import BertConfig
 from fuselm.models.contract import capture_example, pack_prompts
 from fuselm.passes import run_passes
 from fuselm.passes.partition import KernelGroup, ViewStep, partition
 from fuselm.runtime.executor import Executor, interpreted_kernel
+from tiny_models import captured, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def llama_program():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = llama.LlamaForCausalLM(config).eval()
-    example, dynamic = capture_example(config)
-    graph = run_passes(capture(model, example, dynamic))
+    config, model = tiny_llama(num_layers=3)
+    graph = run_passes(captured(config, model))
     return config, model, graph, partition(graph)
 
 
