@@ -19,20 +19,29 @@ def cmd_models(args) -> int:
 
 
 def cmd_ir(args) -> int:
-    from .frontend import capture
     from .models import load
     from .models.contract import capture_example
-    from .passes import run_passes
 
     loaded = load(args.model)
     example, dynamic = capture_example(loaded.config)
     started = time.perf_counter()
-    graph = capture(loaded.model, example, dynamic)
-    if not args.no_passes:
-        graph = run_passes(graph, dump_dir=args.dump_dir)
+    if args.target:
+        from .api import compile
+
+        compiled = compile(loaded.model, example, target=args.target, dynamic=dynamic, dump_dir=args.dump_dir)
+        graph = compiled.graph
+        for kernel in compiled.kernels:
+            print(f"# kernel {kernel.name}: {' '.join(kernel.ops)} x{kernel.launches}  {kernel.source_path}", file=sys.stderr)
+    else:
+        from .frontend import capture
+        from .passes import run_passes
+
+        graph = capture(loaded.model, example, dynamic)
+        if not args.no_passes:
+            graph = run_passes(graph, dump_dir=args.dump_dir)
     print(graph, end="")
     ops = ", ".join(f"{op} {n}" for op, n in sorted(graph.op_counts().items(), key=lambda kv: -kv[1]))
-    print(f"# {len(graph.nodes)} nodes, {len(graph.constants)} constants, captured in "
+    print(f"# {len(graph.nodes)} nodes, {len(graph.constants)} constants, done in "
           f"{time.perf_counter() - started:.1f} s: {ops}", file=sys.stderr)
     return 0
 
@@ -45,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=cmd_models)
     ir = sub.add_parser("ir", help="capture a named or local model and print its IR")
     ir.add_argument("model", help="a named model (see `fuselm models`) or a local path")
-    ir.add_argument("--dump-dir", help="write the IR after every pass to this directory")
+    ir.add_argument("--dump-dir", help="write the IR after every pass (and, with --target, the kernels) here")
+    ir.add_argument("--target", choices=["cpu", "cuda"], help="also generate the kernels for this target")
     ir.add_argument("--no-passes", action="store_true", help="print the graph as captured")
     ir.set_defaults(run=cmd_ir)
     return parser

@@ -14,6 +14,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU the cuda target's Triton kernels run in Triton's interpreter; it must be
+# chosen before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from fuselm.models import fetch, load  # noqa: E402
 
 # -- real models ----------------------------------------------------------------------

@@ -91,8 +91,8 @@ _BINARY_OPS = {
     "le": (torch.le, True),
     "gt": (torch.gt, True),
     "ge": (torch.ge, True),
-    "logical_and": (torch.logical_and, True),
-    "logical_or": (torch.logical_or, True),
+    "logical_and": (lambda a, b: torch.logical_and(torch.as_tensor(a), torch.as_tensor(b)), True),
+    "logical_or": (lambda a, b: torch.logical_or(torch.as_tensor(a), torch.as_tensor(b)), True),
 }
 for _name, (_fn, _cmp) in _BINARY_OPS.items():
     register(_name, _binary_infer(_cmp), _binary_reference(_fn), inputs=(1, 2))
@@ -196,8 +196,8 @@ def _gemm_infer(types, attrs):
             if not extras:
                 raise IRTypeError(f"gemm: epilogue step {step!r} has no input left")
             extra = extras.pop(0)
-            if not dims_equal(extra.shape[-1], n) or (step == "bias" and extra.rank != 1):
-                raise IRTypeError(f"gemm: {step} {extra} does not match N={n}")
+            if not dims_equal(extra.shape[-1], n) or (step == "bias" and extra.rank != 1) or extra.dtype != x.dtype:
+                raise IRTypeError(f"gemm: {step} {extra} does not match N={n} and dtype {x.dtype}")
         elif step == "gated_silu":
             n = floordiv(n, 2)
         elif step not in ACTIVATIONS:

@@ -1,0 +1,85 @@
+"""`fuselm.compile`: capture, optimize, partition, generate kernels, run them.
+
+    compiled = fuselm.compile(model, example_inputs, target="cpu", dynamic={...})
+    compiled(*inputs)        # the model's outputs, computed by fuselm's kernels
+
+Kernels come from the kernel cache (`FUSELM_CACHE`), so a second compile of the same
+model generates nothing, and a new token count runs on the kernels already built.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .codegen.cache import KernelCache
+from .codegen.dump import write_kernel_dump
+from .errors import FuselmError
+from .frontend import capture
+from .ir.graph import Graph
+from .passes import run_passes
+from .passes.partition import KernelGroup, partition
+from .runtime.executor import Executor
+
+TARGETS = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    name: str
+    ops: tuple  # the IR ops it fused
+    source_path: Optional[str]
+    launches: int  # how many groups of the graph run it (identical layers share kernels)
+
+
+class CompiledModule:
+    """Callable like the model; `.graph` is the final IR, `.kernels` what runs it."""
+
+    def __init__(self, graph: Graph, steps: list, launches: list, target: str):
+        self.graph = graph
+        self.steps = steps
+        self.target = target
+        self._launches = launches
+        kernels = {id(group): kernel for group, kernel in launches}
+        self._executor = Executor(graph, steps, lambda group: kernels[id(group)].run)
+
+    def __call__(self, *args):
+        with torch.no_grad():
+            return self._executor(*args)
+
+    @property
+    def kernels(self) -> list:
+        counts: dict = {}
+        for _, kernel in self._launches:
+            counts[kernel.name] = counts.get(kernel.name, 0) + 1
+        seen, infos = set(), []
+        for _, kernel in self._launches:
+            if kernel.name not in seen:
+                seen.add(kernel.name)
+                infos.append(KernelInfo(kernel.name, kernel.ops, kernel.source_path, counts[kernel.name]))
+        return infos
+
+
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
+    if target == "cuda" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise FuselmError("target='cuda' needs a CUDA GPU (none is visible); use target='cpu', "
+                          "or set TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter")
+
+
+def compile(model: torch.nn.Module, example_inputs, target: str = "cpu", dynamic: Optional[dict] = None,
+            dump_dir: Optional[str] = None, cache_dir: Optional[str] = None) -> CompiledModule:
+    """Compile `model` for `target`; `dynamic` names symbolic dims as in `frontend.capture`."""
+    check_target(target)
+    dump_dir = dump_dir or os.environ.get("FUSELM_DUMP") or None
+    with torch.no_grad():
+        graph = run_passes(capture(model.eval(), example_inputs, dynamic), dump_dir=dump_dir)
+    steps = partition(graph)
+    cache = KernelCache(target, cache_dir)
+    launches = [(step, cache.kernel(step.graph)) for step in steps if isinstance(step, KernelGroup)]
+    if dump_dir:
+        write_kernel_dump(dump_dir, graph, launches)
+    return CompiledModule(graph, steps, launches, target)

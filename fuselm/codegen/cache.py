@@ -1,0 +1,87 @@
+"""The kernel cache: one kernel per distinct group, in memory and on disk.
+
+The key hashes the group's IR (weights are parameters, symbols canonical), the target
+and the versions of fuselm, torch and the target's compiler, so identical layers share
+a kernel and a second compile of the same model does no code generation at all: the
+backend reloads what it wrote (`codegen_runs` counts real generations; tests read it).
+
+A backend is a module with `emit(group, directory) -> Kernel`, which generates and
+builds a kernel and writes whatever it needs to reload it into `directory`, and
+`load(group, directory) -> Kernel`, which reloads it without generating anything.
+An entry is used only once its `kernel.json` marker is written, after everything else.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from collections import Counter
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from ..ir.graph import Graph
+from .kernel import Kernel, group_key
+
+BACKENDS = {"cpu": "fuselm.codegen.tvm", "cuda": "fuselm.codegen.triton"}
+COMPILERS = {"cpu": "apache-tvm", "cuda": "triton"}
+
+# "codegen_runs": kernels generated; "disk_hits": reloaded from disk; "memory_hits": reused.
+stats: Counter = Counter()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FUSELM_CACHE", "~/.cache/fuselm")).expanduser() / "kernels"
+
+
+@lru_cache(maxsize=None)
+def versions(target: str) -> tuple:
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "none"
+
+    return tuple(f"{d}={version(d)}" for d in ("fuselm", "torch", COMPILERS[target]))
+
+
+def backend(target: str):
+    if target not in BACKENDS:
+        raise ValueError(f"unknown target {target!r}; fuselm targets are {sorted(BACKENDS)}")
+    return importlib.import_module(BACKENDS[target])
+
+
+class KernelCache:
+    def __init__(self, target: str, root: Optional[Path] = None):
+        self.target = target
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.memory: dict = {}
+
+    def kernel(self, group: Graph) -> Kernel:
+        key = group_key(group, self.target, versions(self.target))
+        if key in self.memory:
+            stats["memory_hits"] += 1
+            return self.memory[key]
+        entry = self.root / self.target / key
+        if (entry / "kernel.json").exists():
+            kernel = backend(self.target).load(group, entry)
+            stats["disk_hits"] += 1
+        else:
+            kernel = self._generate(group, entry)
+        self.memory[key] = kernel
+        return kernel
+
+    def _generate(self, group: Graph, entry: Path) -> Kernel:
+        staging = entry.with_name(entry.name + f".tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        kernel = backend(self.target).emit(group, staging)
+        (staging / "group.ir").write_text(str(group))
+        (staging / "kernel.json").write_text(json.dumps({"name": kernel.name, "ops": list(kernel.ops)}))
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(staging, entry)
+        stats["codegen_runs"] += 1
+        # reload from the final place, so source paths point into the cache entry
+        return backend(self.target).load(group, entry)

@@ -1,0 +1,134 @@
+"""The host side of a group: which nodes a kernel computes, and the generated `run`.
+
+A group is the kernel's compute nodes, optionally with view ops (reshape, permute,
+slice, select, expand) on its inputs before them and on its output after them. The
+views cost nothing on the device: `run` applies them to the torch tensors (q, k and v
+as column slices of one fused qkv output, reshaped to heads, stay strided views) and
+the kernels take strides, so no copy is made where torch can express a view.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from ...ir.graph import Graph, Input, Node
+from ...ir.types import dim_str
+
+VIEW_OPS = ("reshape", "permute", "slice", "select", "expand")
+
+
+@dataclass
+class GroupPlan:
+    prologue: list  # view nodes over the group's inputs, in order
+    compute: list  # the nodes the kernel computes, in order
+    compute_inputs: list  # the values the kernel reads (group inputs or prologue views)
+    epilogue: list  # view nodes from the kernel's result to the group's output
+
+    def is_plain(self, group: Graph) -> bool:
+        """Whether the kernel reads exactly the group's inputs, in order, and returns its output."""
+        same = len(self.compute_inputs) == len(group.inputs) and all(a is b for a, b in zip(self.compute_inputs, group.inputs))
+        return same and not self.prologue and not self.epilogue
+
+
+def plan_group(group: Graph, single_node_ops: tuple) -> GroupPlan:
+    """Split a group into views before, compute nodes, views after."""
+    prologue, rest = [], []
+    for node in group.nodes:
+        is_prologue = node.op in VIEW_OPS and all(isinstance(v, Input) or v in prologue for v in node.inputs)
+        (prologue if is_prologue else rest).append(node)
+    epilogue = []
+    while rest and rest[-1].op in VIEW_OPS and len(rest) > 1:
+        epilogue.insert(0, rest.pop())
+    compute = rest
+    if not compute:
+        raise NotImplementedError("a group of views only has nothing for a kernel to compute")
+    _check_chain(group, compute, epilogue)
+    if len(compute) == 1 and compute[0].op in single_node_ops:
+        inputs = list(compute[0].inputs)
+    else:
+        inside = set(compute)
+        reads = dict.fromkeys(v for n in compute for v in n.inputs if v not in inside)
+        order = {v: i for i, v in enumerate(group.inputs + prologue)}  # the group's order where it can
+        inputs = sorted(reads, key=order.__getitem__)
+    return GroupPlan(prologue, compute, inputs, epilogue)
+
+
+def _check_chain(group: Graph, compute: list, epilogue: list) -> None:
+    chain = [compute[-1]] + epilogue
+    for before, after in zip(chain, chain[1:]):
+        if after.inputs[0] is not before:
+            raise NotImplementedError(f"{after.op} after the kernel does not read its result")
+    if group.outputs[0] is not chain[-1]:
+        raise NotImplementedError("the group's output is not its last node")
+
+
+def run_source(group: Graph, plan: GroupPlan, params: tuple) -> str:
+    """`run(*inputs)`: the group's entry point; `launch` itself when there are no views."""
+    if plan.is_plain(group):
+        return "run = launch  # the group is the op itself: inputs in order -> output\n"
+    names = _value_names(group, plan, params)
+    lines = [f"    {sym} = {names[value]}.shape[{axis}]" for sym, (value, axis) in _symbol_sources(group, plan).items()]
+    for node in plan.prologue:
+        lines.append(f"    {names[node]} = {view_expression(node, names[node.inputs[0]])}")
+    result = f"launch({', '.join(names[v] for v in plan.compute_inputs)})"
+    for node in plan.epilogue:
+        result = view_expression(node, result)
+    args = ", ".join(names[v] for v in group.inputs)
+    doc = '    """The group: its inputs (viewed), the kernel, views of its result."""'
+    return "\n".join([f"def run({args}):", doc, *lines, f"    return {result}", ""])
+
+
+def _value_names(group: Graph, plan: GroupPlan, params: tuple) -> dict:
+    names: dict = {}
+    for value, param in zip(plan.compute_inputs, params):
+        if isinstance(value, Input) and value not in names and param not in names.values():
+            names[value] = param
+    for i, value in enumerate(group.inputs):
+        names.setdefault(value, f"in{i}")
+    for i, node in enumerate(plan.prologue):
+        names[node] = f"view{i}"
+    return names
+
+
+def _symbol_sources(group: Graph, plan: GroupPlan) -> dict:
+    """{symbol name: (input, axis)} for the symbols the views' attributes mention."""
+    wanted = set()
+    for node in plan.prologue + plan.epilogue:
+        for value in node.attrs.values():
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(item, sympy.Expr):
+                    wanted |= {str(s) for s in item.free_symbols}
+    sources: dict = {}
+    for value in group.inputs:
+        for axis, dim in enumerate(value.type.shape):
+            if isinstance(dim, sympy.Symbol) and str(dim) in wanted:
+                sources.setdefault(str(dim), (value, axis))
+    missing = wanted - set(sources)
+    if missing:
+        raise NotImplementedError(f"view attributes use {sorted(missing)}, which no input dimension gives")
+    return sources
+
+
+def _dim(value) -> str:
+    text = dim_str(value) if value is not None else "None"
+    if "floor" in text or "/" in text:
+        raise NotImplementedError(f"view attribute {text} has no plain Python form")
+    return text
+
+
+def view_expression(node: Node, x: str) -> str:
+    """The torch expression of view `node` applied to the tensor expression `x`."""
+    a = node.attrs
+    if node.op in ("reshape", "expand"):
+        return f"{x}.{node.op}({', '.join(_dim(d) for d in a['shape'])})"
+    if node.op == "permute":
+        return f"{x}.permute({', '.join(str(d) for d in a['dims'])})"
+    if node.op == "select":
+        return f"{x}.select({a['dim']}, {a['index']})"
+    if node.op == "slice":
+        dim = a["dim"] % node.inputs[0].type.rank
+        end = "" if a.get("end") is None else _dim(a["end"])
+        step = "" if a.get("step", 1) == 1 else f":{a['step']}"
+        return f"{x}[{':, ' * dim}{_dim(a.get('start', 0))}:{end}{step}]"
+    raise NotImplementedError(f"not a view op: {node.op}")

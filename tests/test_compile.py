@@ -1,0 +1,89 @@
+"""`fuselm.compile` end to end: kernels from the cache, dumps, errors.
+
+The cuda target runs its Triton kernels in Triton's interpreter here (tiny models only:
+the interpreter is slow); the cpu target's TVM kernels run natively.
+"""
+import json
+
+import pytest
+import torch
+
+import fuselm.api as api
+from fuselm.codegen import cache as kernel_cache
+from fuselm.errors import FuselmError
+from fuselm.models.contract import capture_example, pack_prompts
+from tiny_models import tiny_llama
+
+PROMPTS = [[[1, 2, 3, 4, 5], [6, 7, 8, 9]], [[3] * 19, [4, 5]]]
+
+
+@pytest.fixture(scope="module")
+def llama_model():
+    return tiny_llama()
+
+
+def compile_tiny(config, model, target, cache_dir, **kwargs):
+    example, dynamic = capture_example(config)
+    return api.compile(model, example, target=target, dynamic=dynamic, cache_dir=str(cache_dir), **kwargs)
+
+
+def assert_runs_like_eager(compiled, config, model, prompts, tolerance=1e-4):
+    expected_inputs = pack_prompts(config, prompts, all_logits=True)
+    inputs = pack_prompts(config, prompts, all_logits=True)
+    with torch.no_grad():
+        expected = model(*expected_inputs.as_tuple())
+    logits, cache = compiled(*inputs.as_tuple())
+    torch.testing.assert_close(logits, expected, atol=tolerance, rtol=tolerance)
+    assert cache is inputs.kv_cache
+    torch.testing.assert_close(cache, expected_inputs.kv_cache, atol=tolerance, rtol=tolerance)
+
+
+def test_two_layer_llama_on_cuda_interpreter_matches_eager(llama_model, tmp_path):
+    config, model = llama_model
+    kernel_cache.stats.clear()
+    compiled = compile_tiny(config, model, "cuda", tmp_path)
+    generated = kernel_cache.stats["codegen_runs"]
+    assert generated == len(compiled.kernels) and generated <= 16
+    for prompts in PROMPTS:  # two token counts, no new kernels
+        assert_runs_like_eager(compiled, config, model, prompts)
+    assert kernel_cache.stats["codegen_runs"] == generated
+    assert all(k.source_path and k.source_path.endswith(".py") for k in compiled.kernels)
+
+
+def test_second_compile_generates_nothing(llama_model, tmp_path):
+    config, model = llama_model
+    compile_tiny(config, model, "cuda", tmp_path)
+    kernel_cache.stats.clear()
+    again = compile_tiny(config, model, "cuda", tmp_path)
+    assert kernel_cache.stats["codegen_runs"] == 0
+    assert kernel_cache.stats["disk_hits"] == len(again.kernels)
+    assert_runs_like_eager(again, config, model, PROMPTS[0])
+
+
+def test_dump_dir_writes_ir_kernels_and_index(llama_model, tmp_path):
+    config, model = llama_model
+    dump = tmp_path / "dump"
+    compiled = compile_tiny(config, model, "cuda", tmp_path / "cache", dump_dir=str(dump))
+    assert (dump / "00_captured.ir").exists() and any(p.name.endswith("_fuse_epilogue.ir") for p in dump.iterdir())
+    index = json.loads((dump / "index.json").read_text())
+    assert set(index) == {k.name for k in compiled.kernels}
+    for name, entry in index.items():
+        assert (dump / entry["source"]).read_text().startswith(('"""', "#", "import"))
+        assert entry["launches"] and all(line.startswith("%") for launch in entry["launches"] for line in launch["nodes"])
+    gated = [e for e in index.values() if e["ops"] == ["gemm"] and "gated_silu" in e["launches"][0]["nodes"][0]]
+    assert len(gated) == 1 and len(gated[0]["launches"]) == 2  # one kernel, both layers
+
+
+def test_cuda_without_gpu_or_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        api.check_target("cuda")  # a GPU is there: accepted
+    else:
+        with pytest.raises(FuselmError, match="needs a CUDA GPU"):
+            api.check_target("cuda")
+
+
+def test_unknown_target_is_refused(llama_model):
+    config, model = llama_model
+    with pytest.raises(ValueError, match="unknown target 'tpu'"):
+        compile_tiny(config, model, "tpu", "/nonexistent")
