@@ -15,6 +15,7 @@ import ast
 import inspect
 import operator
 import re
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -40,8 +41,10 @@ def capture(module: torch.nn.Module, example_inputs, dynamic: Optional[dict] = N
     example_inputs = tuple(example_inputs)
     names = list(inspect.signature(module.forward).parameters)[: len(example_inputs)]
     dynamic_shapes, named_dims = _dynamic_shapes(names, dynamic or {})
-    exported = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
-    exported = exported.run_decompositions(decomposition_table())
+    with warnings.catch_warnings():  # torch's own deprecation noise about its pytree specs
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        exported = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        exported = exported.run_decompositions(decomposition_table())
     return _Converter(exported, named_dims).run()
 
 
