@@ -153,3 +153,20 @@ def graph_module_like(graph):
 def test_dynamic_spec_rejects_unknown_parameter():
     with pytest.raises(ValueError, match=r"dynamic names \['z'\] are not parameters"):
         capture(_Scale(), (torch.randn(5, 6), torch.randn(5, 4)), dynamic={"z": {0: "T"}})
+
+
+class _Glu(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.glu(x, dim=-1) * 3.0
+
+
+def test_ops_the_table_lacks_are_decomposed_first():
+    from fuselm.frontend.capture import unmapped_ops
+
+    x = torch.randn(5, 8)
+    exported = torch.export.export(_Glu(), (x,))
+    assert unmapped_ops(exported) == {"aten.glu.default"}
+    graph = capture(_Glu(), (x,), dynamic={"x": {0: "T"}})
+    assert "sigmoid" in graph.op_counts()  # glu arrived decomposed
+    y = torch.randn(7, 8)
+    torch.testing.assert_close(ir.interpret(graph, y), _Glu()(y))

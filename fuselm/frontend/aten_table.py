@@ -7,6 +7,7 @@ Views, copies and no-op conversions map to their input.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -201,6 +202,25 @@ def to_copy(cv, x, dtype=None, **kwargs):
     return cast_to(cv, x, dtype)
 
 
+def to_dtype(cv, x, dtype, non_blocking=False, copy=False, memory_format=None):
+    return cast_to(cv, x, dtype)
+
+
+def chunk(cv, x, chunks, dim=0):
+    size = x.type.shape[dim % x.type.rank]
+    if not isinstance(size, int):
+        return cv.unsupported("aten.chunk over a symbolic dimension")
+    return split(cv, x, -(-size // chunks), dim)
+
+
+def flatten(cv, x, start_dim=0, end_dim=-1):
+    rank = x.type.rank
+    start, end = start_dim % max(rank, 1), end_dim % max(rank, 1)
+    shape = x.type.shape
+    merged = as_dim(math.prod(shape[start : end + 1], start=1))
+    return cv.op("reshape", x, shape=tuple(shape[:start]) + (merged,) + tuple(shape[end + 1 :]))
+
+
 def masked_fill(cv, x, mask, value):
     return cv.op("masked_fill", x, mask, value=float(value) if x.type.is_float else int(value))
 
@@ -359,6 +379,9 @@ ATEN_TABLE = {
     aten.index.Tensor: index_tensor,
     # conversions, copies and no-ops
     aten._to_copy.default: to_copy,
+    aten.to.dtype: to_dtype,
+    aten.chunk.default: chunk,
+    aten.flatten.using_ints: flatten,
     aten.clone.default: identity,
     aten.alias.default: identity,
     aten.detach.default: identity,
@@ -387,9 +410,19 @@ ATEN_TABLE = {
 }
 
 
+def kv_cache_write_in_place(cv, kv_cache, key, value, slot_mapping, layer):
+    """The mutating op itself (graphs exported without functionalization): the cache's
+    graph value becomes the write's result, for every later reader and the outputs."""
+    updated = cv.op("kv_cache_write", kv_cache, key, value, slot_mapping, layer=layer)
+    cv.mutate(cv.fx_node.args[0], updated)
+    return None
+
+
 def register_attention_ops() -> None:
     """fuselm's custom ops exist once fuselm.models.attention is imported."""
     from ..models import attention  # noqa: F401
+
+    ATEN_TABLE[torch.ops.fuselm.kv_cache_write.default] = kv_cache_write_in_place
 
     ATEN_TABLE[torch.ops.fuselm.paged_attention.default] = paged_attention
 

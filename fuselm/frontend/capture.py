@@ -2,8 +2,9 @@
 
 1. Export the module with symbolic dimensions named by the user (`dynamic`), keyed by
    the forward's parameter names like torch.export's `dynamic_shapes`.
-2. Decompose to core ATen, keeping linear, norms, SDPA, gelu, silu, softmax and
-   embedding whole.
+2. If the exported graph holds an op `ATEN_TABLE` does not map, decompose it to core
+   ATen, keeping linear, norms, SDPA, gelu, silu, softmax and embedding whole. (Graphs
+   the table maps as exported skip the decomposition, which costs more than the export.)
 3. Walk the ATen graph once, mapping each op through `ATEN_TABLE`; parameters, buffers
    and lifted constants become named IR constants, user inputs keep their names.
    Outputs are the user outputs, then the final value of every input the model updates
@@ -44,8 +45,14 @@ def capture(module: torch.nn.Module, example_inputs, dynamic: Optional[dict] = N
     with warnings.catch_warnings():  # torch's own deprecation noise about its pytree specs
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         exported = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
-        exported = exported.run_decompositions(decomposition_table())
+        if unmapped_ops(exported):
+            exported = exported.run_decompositions(decomposition_table())
     return _Converter(exported, named_dims).run()
+
+
+def unmapped_ops(exported) -> set:
+    """Ops of the exported graph that the table has no entry for."""
+    return {str(n.target) for n in exported.graph.nodes if n.op == "call_function" and n.target not in ATEN_TABLE}
 
 
 def decomposition_table() -> dict:
@@ -111,6 +118,7 @@ class _Converter:
         self.env: dict = {}
         self.fx_node = None
         self.symbols = self._symbol_map(named_dims)
+        self.mutated: dict = {}  # input placeholder -> its latest value (in-place updates)
 
     def _symbol_map(self, named_dims: list) -> dict:
         """torch's shape symbols (s0, s72...) -> fuselm's named symbols."""
@@ -141,6 +149,11 @@ class _Converter:
 
     def unsupported(self, detail: str = ""):
         raise UnsupportedOpError(str(self.fx_node.target), source_of(self.fx_node), detail)
+
+    def mutate(self, fx_input, value) -> None:
+        """An op updated `fx_input` in place: later readers and the outputs see `value`."""
+        self.env[fx_input] = value
+        self.mutated[fx_input] = value
 
     def arg(self, a):
         if isinstance(a, torch.fx.Node):
@@ -194,4 +207,4 @@ class _Converter:
         kinds = [spec.kind for spec in signature.output_specs]
         user = [v for v, k in zip(values, kinds) if k == OutputKind.USER_OUTPUT]
         mutations = [v for v, k in zip(values, kinds) if k != OutputKind.USER_OUTPUT]
-        return user + mutations
+        return user + mutations + list(self.mutated.values())
