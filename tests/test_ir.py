@@ -160,3 +160,39 @@ def test_kv_cache_write_aliases_its_input():
     assert result is cache  # updated in place, as the executor will bind it
     torch.testing.assert_close(cache[0, 0, 1, 1], keys[0])
     torch.testing.assert_close(cache[0, 1, 0, 0], values[1])
+
+
+def test_a_symbol_seen_only_in_an_expression_is_solved():
+    b = GraphBuilder()
+    c = b.input("cu", TensorType(("N+1",), "i32"))
+    g = b.build([b.op("arange", end=N, dtype="i64"), b.op("cast", c, dtype="i64")])
+    steps, _ = ir.interpret(g, torch.tensor([0, 3, 5], dtype=torch.int32))
+    torch.testing.assert_close(steps, torch.arange(2))
+
+
+def test_integer_dtype_rules_follow_torch():
+    b = GraphBuilder()
+    i = b.input("i", TensorType((4,), "i32"))
+    assert str(b.op("exp", i).type) == "f32[4]"
+    assert str(b.op("sum", i, dims=()).type) == "i64[]"
+    assert str(b.op("neg", i).type) == "i32[4]"
+    with pytest.raises(ir.IRTypeError, match="non-negative start"):
+        b.op("slice", i, dim=0, start=-2, end=None, step=1)
+
+
+def test_gemm_epilogue_semantics():
+    torch.manual_seed(0)
+    b = GraphBuilder()
+    x = b.input("x", TensorType(("T", 8), "f32"))
+    w = b.constant("w", torch.randn(12, 8))
+    res = b.input("res", TensorType(("T", 6), "f32"))
+    y = b.op("gemm", x, w, res, epilogue=("gated_silu", "residual"))
+    assert str(y.type) == "f32[T,6]"
+    g = b.build([y])
+    xx, rr = torch.randn(3, 8), torch.randn(3, 6)
+    full = xx @ g.constants["w"].T
+    torch.testing.assert_close(ir.interpret(g, xx, rr), torch.nn.functional.silu(full[:, :6]) * full[:, 6:] + rr)
+    with pytest.raises(ir.IRTypeError, match="unknown epilogue step 'swish'"):
+        b.op("gemm", x, w, epilogue=("swish",))
+    with pytest.raises(ir.IRTypeError, match="inputs beyond what the epilogue"):
+        b.op("gemm", x, w, res)

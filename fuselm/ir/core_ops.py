@@ -105,9 +105,17 @@ def _div_infer(types, attrs):
 
 register("div", _div_infer, _binary_reference(torch.div), inputs=(1, 2))
 
+def _float_result(types, attrs):
+    """Float functions of integers give f32, as in torch."""
+    return types[0] if types[0].is_float else types[0].with_dtype("f32")
+
+
 _UNARY_OPS = {
     "neg": torch.neg,
     "abs": torch.abs,
+    "relu": torch.relu,
+}
+_FLOAT_UNARY_OPS = {
     "exp": torch.exp,
     "log": torch.log,
     "sqrt": torch.sqrt,
@@ -118,14 +126,15 @@ _UNARY_OPS = {
     "tanh": torch.tanh,
     "erf": torch.erf,
     "sigmoid": torch.sigmoid,
-    "relu": torch.relu,
     "silu": F.silu,
 }
 for _name, _fn in _UNARY_OPS.items():
     register(_name, _same, _fn)
+for _name, _fn in _FLOAT_UNARY_OPS.items():
+    register(_name, _float_result, _fn)
 
 register("logical_not", lambda t, a: t[0].with_dtype("bool"), torch.logical_not)
-register("gelu", _same, lambda x, approximate="none": F.gelu(x, approximate=approximate))
+register("gelu", _float_result, lambda x, approximate="none": F.gelu(x, approximate=approximate))
 register("cast", lambda t, a: t[0].with_dtype(a["dtype"]), lambda x, dtype: x.to(TensorType((), dtype).torch_dtype))
 
 
@@ -150,8 +159,9 @@ register("masked_fill", _masked_fill_infer, lambda x, mask, value: x.masked_fill
 
 # ----------------------------------------------------------------------------- reductions
 def _reduce_infer(types, attrs, dtype=None):
+    """Reduce over `dims` (all of them when empty, as torch does)."""
     shape = list(types[0].shape)
-    dims = sorted(_norm_dim(d, len(shape)) for d in attrs["dims"])
+    dims = sorted(_norm_dim(d, len(shape)) for d in attrs["dims"]) or list(range(len(shape)))
     for d in reversed(dims):
         if attrs.get("keepdim", False):
             shape[d] = 1
@@ -160,7 +170,12 @@ def _reduce_infer(types, attrs, dtype=None):
     return TensorType(tuple(shape), dtype or types[0].dtype)
 
 
-register("sum", _reduce_infer, lambda x, dims, keepdim=False: torch.sum(x, dim=list(dims), keepdim=keepdim))
+def _sum_infer(types, attrs):
+    integer = not types[0].is_float
+    return _reduce_infer(types, attrs, "i64" if integer else None)  # torch sums integers in i64
+
+
+register("sum", _sum_infer, lambda x, dims, keepdim=False: torch.sum(x, dim=list(dims), keepdim=keepdim))
 register("mean", _reduce_infer, lambda x, dims, keepdim=False: torch.mean(x, dim=list(dims), keepdim=keepdim))
 register("amax", _reduce_infer, lambda x, dims, keepdim=False: torch.amax(x, dim=list(dims), keepdim=keepdim))
 register("amin", _reduce_infer, lambda x, dims, keepdim=False: torch.amin(x, dim=list(dims), keepdim=keepdim))
@@ -273,8 +288,8 @@ def _with_residual(norm):
     return reference
 
 
-def _layer_norm(x, weight=None, bias=None, eps=1e-5):
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+def _layer_norm(x, weight=None, bias=None, eps=None):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, 1e-5 if eps is None else eps)
 
 
 def _rms_norm(x, weight=None, eps=None):
@@ -367,6 +382,8 @@ def _slice_infer(types, attrs):
     x = types[0]
     dim = _norm_dim(attrs["dim"], x.rank)
     start, end, step = attrs.get("start", 0), attrs.get("end"), attrs.get("step", 1)
+    if any(isinstance(v, int) and v < 0 for v in (start, end) if v is not None) or step < 1:
+        raise IRTypeError(f"slice takes non-negative start/end and a positive step, got {start}:{end}:{step}")
     size = x.shape[dim]
     end = size if end is None else end
     if isinstance(end, int) and isinstance(size, int):

@@ -26,6 +26,13 @@ def bind_symbols(inputs: list, args: tuple) -> dict:
             if isinstance(dim, sympy.Symbol):
                 if bindings.setdefault(dim, size) != size:
                     raise TypeError(f"input %{value.name}: {dim} is {bindings[dim]} elsewhere but {size} here")
+    for value, arg in zip(inputs, args):  # a symbol seen only in an expression (N+1): solve
+        for dim, size in zip(value.type.shape, arg.shape):
+            unbound = sorted(getattr(dim, "free_symbols", set()) - set(bindings), key=str)
+            if len(unbound) == 1:
+                solutions = sympy.solve(sympy.Eq(dim, size), unbound[0])
+                if len(solutions) == 1 and solutions[0].is_Integer:
+                    bindings[unbound[0]] = int(solutions[0])
     for value, arg in zip(inputs, args):
         for dim, size in zip(value.type.shape, arg.shape):
             if evaluate_dim(dim, bindings) != size:

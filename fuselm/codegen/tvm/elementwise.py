@@ -1,0 +1,190 @@
+"""Any group of pointwise, view, reduction, gather and rope ops: lowered through the
+op -> TE table (`lowering.py`), then one generic schedule.
+
+The schedule, in order:
+1. every intermediate injective compute is inlined into its readers, so a chain of
+   views and pointwise ops becomes one loop nest that reads the inputs once;
+2. the output's leading dims are fused into one parallel loop (2 cores), its last dim
+   is split by the vector width and vectorized when it divides;
+3. each reduction whose result is indexed first by those leading dims (softmax's row
+   max and sum, a mean over the last dim, attention's row of scores) is computed
+   inside the parallel loop, row by row, while the row is in cache; any other
+   reduction runs on its own, parallel over its own output. A reduction over a static
+   multiple of the vector width is split per lane first (rfactor: a vector of partial
+   results, then a sum of lanes), so its inner loop is vectorized too. A compute whose
+   name ends in `_kept` is treated like a reduction (materialized per row, not
+   inlined): attention keeps its row of probabilities so that exp runs once per score;
+4. refinements the lowering left for its own blocks (attention's vector dot products).
+The kernel takes the group's symbol values as leading scalar arguments, then the
+group's inputs, then the output.
+"""
+from __future__ import annotations
+
+import torch
+from tvm import s_tir, te, tirx
+from tvm.s_tir.schedule import ScheduleError
+
+from ...ir.graph import Graph
+from ..kernel import group_key
+from . import attention  # noqa: F401  (registers the attention lowering)
+from .build import SERIAL_MAX, Dims, OutputShape, ShapeBinder, vector_lanes
+from .lowering import LOWER, lower
+
+OPS = tuple(LOWER)
+_REDUCE = 2  # IterVar.CommReduce
+KEEP = "_kept"  # a compute named so is materialized (per row), not inlined
+
+
+def generate(group: Graph) -> tuple:
+    """Lower and schedule `group`: (kernel name, {"main": parallel, "serial": serial PrimFunc})."""
+    ops = list(dict.fromkeys(node.op for node in group.nodes))
+    name = "_".join(["fused", *ops[:4], group_key(group, "cpu")[:6]])
+    return name, {"main": _scheduled(group, parallel=True), "serial": _scheduled(group, parallel=False)}
+
+
+def _scheduled(group: Graph, parallel: bool) -> tirx.PrimFunc:
+    dims = Dims()
+    placeholders, out, ctx = lower(group, dims)
+    symbols = ShapeBinder(group.inputs).symbols
+    sch = s_tir.Schedule(te.create_prim_func([dims.var(s) for s in symbols] + placeholders + [out]))
+    schedule(sch, parallel)
+    for refine in ctx.refinements:
+        refine(sch)
+    return sch.mod["main"]
+
+
+def make_run(group: Graph, functions):
+    """run(*inputs): symbol values read from the shapes, the output allocated, one call
+    (the serial twin when no tensor reaches SERIAL_MAX elements: waking the pool costs more)."""
+    binder, parallel, serial = ShapeBinder(group.inputs), functions["main"], functions["serial"]
+    out_type = group.outputs[0].type
+    out_shape = OutputShape(out_type.shape, binder.symbols)
+
+    def run(*args):
+        sizes = binder.values(args)
+        out = torch.empty(out_shape(sizes), dtype=out_type.torch_dtype)
+        args = [a if a.is_contiguous() else a.contiguous() for a in args]  # TVM takes compact tensors
+        work = max(out.numel(), *(a.numel() for a in args)) if args else out.numel()
+        (serial if work < SERIAL_MAX else parallel)(*sizes, *args, out)
+        return out
+
+    return run
+
+
+# ----------------------------------------------------------------------------- schedule
+def is_reduction(sch, block) -> bool:
+    return any(iv.iter_type == _REDUCE for iv in sch.get(block).iter_vars)
+
+
+def schedule(sch: s_tir.Schedule, parallel: bool = True) -> None:
+    root = sch.get_sblock("root")
+    output_names = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
+    lane_blocks = _split_reductions_by_lane(sch, root, output_names)
+    for block in reversed(sch.get_child_blocks(root)):
+        name = sch.get(block).name_hint
+        if name not in output_names and not name.endswith(KEEP) and not is_reduction(sch, block):
+            try:
+                sch.compute_inline(block)
+            except ScheduleError:
+                pass  # stays a loop nest of its own, scheduled below
+    (out,) = [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint in output_names]
+    rows, vector = _split_output(sch, out)
+    out_shape = _shape_without_ones(sch.get(out).writes[0].source.shape)
+    row_shape = out_shape[:-1] if len(out_shape) > 1 else out_shape
+    vector_sums = []
+    for block in reversed(sch.get_child_blocks(root)):
+        name = sch.get(block).name_hint
+        if name in output_names:
+            continue
+        shape = _shape_without_ones(sch.get(block).writes[0].source.shape)
+        if rows is not None and shape[: len(row_shape)] == row_shape:
+            try:
+                sch.compute_at(block, rows, preserve_unit_loops=True)
+                if name in lane_blocks:
+                    vector_sums.append(_vectorize_lanes(sch, block))
+                continue
+            except ScheduleError:
+                pass
+        if parallel:
+            parallel_alone(sch, block)
+    if rows is not None and parallel:
+        sch.parallel(rows)
+    if vector is not None:
+        sch.vectorize(vector)
+    for block, loop in vector_sums:  # after parallel(), which wants reduction blocks whole
+        sch.decompose_reduction(block, loop)
+
+
+def _split_reductions_by_lane(sch, root, output_names: set) -> set:
+    """rfactor each intermediate reduction whose innermost reduced loop is a static
+    multiple of the vector width: one partial result per lane (a vector accumulator),
+    then a sum of lanes. Returns the names of the per-lane blocks."""
+    lanes, names = vector_lanes(), set()
+    for block in sch.get_child_blocks(root):
+        if not is_reduction(sch, block) or sch.get(block).name_hint in output_names:
+            continue
+        loop = sch.get_loops(block)[-1]
+        extent = _static(sch.get(loop).extent)
+        if sch.get(block).iter_vars[-1].iter_type != _REDUCE or extent is None or extent % lanes or extent < 2 * lanes:
+            continue
+        try:
+            chunk, lane = sch.split(loop, [None, lanes])
+            names.add(sch.get(sch.rfactor(lane, len(sch.get(block).writes[0].source.shape))).name_hint)
+        except ScheduleError:
+            pass  # not a reduction rfactor can split (e.g. one with a non-commutative body)
+    return names
+
+
+def _vectorize_lanes(sch, block):
+    """Lanes innermost and vectorized in an rfactor block; returns (block, its reduce loop).
+
+    The block's loops under the row loop follow its iter vars: rfactor puts the lane
+    var first and the reduced chunk var last.
+    """
+    own = sch.get_loops(block)[-len(sch.get(block).iter_vars):]
+    lane, chunk = own[0], own[-1]
+    sch.reorder(chunk, lane)
+    sch.vectorize(lane)
+    return block, chunk
+
+
+def _shape_without_ones(shape) -> list:
+    return [str(d) for d in shape if not (isinstance(d, tirx.IntImm) and d.value == 1)]
+
+
+def _static(extent):
+    return extent.value if isinstance(extent, tirx.IntImm) else None
+
+
+def _split_output(sch, block):
+    """Fuse the output's leading spatial loops (the rows), split its last for vectors."""
+    loops = sch.get_loops(block)
+    spatial = [lp for lp, iv in zip(loops, sch.get(block).iter_vars) if iv.iter_type != _REDUCE]
+    if not spatial:
+        return None, None
+    lanes = vector_lanes()
+    if is_reduction(sch, block):
+        return sch.fuse(*spatial), None
+    last = _static(sch.get(spatial[-1]).extent)
+    vector = None
+    if last is not None and last % lanes == 0 and last > lanes:
+        spatial[-1], vector = sch.split(spatial[-1], [None, lanes])
+    elif last == lanes:
+        vector = spatial.pop()
+    if not spatial:
+        return None, vector
+    if len(spatial) == 1 and vector is None:  # a single dim: rows are chunks of it
+        rows, _ = sch.split(spatial[0], [None, 4 * lanes])
+        return rows, None
+    rows = sch.fuse(*spatial[:-1]) if len(spatial) > 1 else spatial[0]
+    return rows, vector
+
+
+def parallel_alone(sch, block) -> None:
+    """A block left at the root: parallel over its outer loop when that one is spatial."""
+    loops = sch.get_loops(block)
+    if loops:
+        try:
+            sch.parallel(loops[0])
+        except ScheduleError:
+            pass  # a reduction's outer loop (rfactor reorders iter vars): stays serial

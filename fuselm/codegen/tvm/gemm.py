@@ -1,0 +1,262 @@
+"""gemm(x, w, *extras) {epilogue}: y = x @ w.T, then the epilogue, on fp32.
+
+x [M..., K] is flattened to [M, K]; w stays [N, K] as the IR keeps it (no prepacked
+layout is assumed). One module holds three PrimFuncs built for a symbolic M, and
+`run` picks one per call:
+
+- `gemv1` (M = 1) and `gemv` (M <= GEMV_MAX_ROWS), decode: a dot-product form that
+  streams w's rows once. A tile of 1 row of x x 8 rows of w (gemv1), or 2 x 4 (gemv:
+  half the reloads of w per row of x, and 4 rows of K=1536 still fit L1), keeps 8
+  vector accumulators along K in registers, then sums each one's lanes. Decode is
+  bound by reading w, so these forms pack nothing.
+- `gemm` (larger M, prefill): the BLIS-style outer-product micro-kernel: 6 rows of x
+  times 2 vectors (16 columns on AVX2) of w accumulate in 12 registers, x broadcast,
+  w read from a panel packed [K, 16]. Each thread packs the 48-column block of w it
+  owns, once per call, into a buffer that stays in L2; then it runs every row of x
+  against it. Rows are padded to a multiple of 6 by clamping x's row index, so the
+  inner loop has no guards; only the stores are predicated.
+
+The epilogue is one expression applied to the register tile before its store. A gated
+SiLU splits w's rows into halves [gate | up]: a tile holds both halves of its output
+columns (6 rows x 2 halves x 8 columns), so silu(gate) * up needs no second pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tvm import s_tir, te, tirx
+
+from ...ir.graph import Graph
+from . import fastmath
+from .build import const, operand_positions, single_node, tir_dtype, vector_lanes
+
+OPS = ("gemm",)
+GEMV_MAX_ROWS = 16  # the row count up to which `gemv` beats packing w
+_WITH_INPUT = ("bias", "residual")
+
+
+ACTIVATIONS = {  # vectorizable forms: LLVM turns exp/erf/tanh on vectors into libm calls per lane
+    "relu": lambda v: tirx.max(v, const(0.0, v)),
+    "gelu": fastmath.gelu,
+    "gelu_tanh": fastmath.gelu_tanh,
+    "silu": fastmath.silu,
+}
+
+
+@dataclass(frozen=True)
+class GemmSpec:
+    """What a gemm node computes, with sizes: K, w's rows N, and the epilogue."""
+
+    K: int
+    N: int
+    steps: tuple
+    extra_ranks: tuple  # rank of each extra input (bias 1, residual 1 or 2 once flattened)
+    dtype: str
+
+    @property
+    def halves(self) -> int:
+        return 2 if "gated_silu" in self.steps else 1
+
+    @property
+    def n_out(self) -> int:
+        return self.N // self.halves
+
+    @property
+    def name(self) -> str:
+        return "_".join(["gemm", f"k{self.K}", f"n{self.n_out}", *self.steps])
+
+
+def spec_of(node) -> GemmSpec:
+    x, w = node.inputs[0].type, node.inputs[1].type
+    steps = tuple(node.attrs.get("epilogue", ()))
+    if x.dtype != "f32" or w.dtype != "f32":
+        raise NotImplementedError(f"the cpu gemm kernel is fp32, got {x.dtype} x {w.dtype}")
+    if steps.count("gated_silu") > 1:
+        raise NotImplementedError("more than one gated_silu in one epilogue")
+    if not all(isinstance(d, int) for d in w.shape):
+        raise NotImplementedError(f"gemm weight {w} must have static sizes")
+    ranks = tuple(1 if v.type.rank == 1 else 2 for v in node.inputs[2:])
+    return GemmSpec(w.shape[1], w.shape[0], steps, ranks, x.dtype)
+
+
+# ----------------------------------------------------------------------------- epilogue
+def epilogue(spec: GemmSpec, acc, extras: list, m, j) -> tirx.PrimExpr:
+    """The output at (m, j) from `acc(h)`, the accumulator of half h at column j."""
+    values = [acc(h) for h in range(spec.halves)]
+    pending = iter(extras)
+    for step in spec.steps:
+        if step in _WITH_INPUT:
+            extra = next(pending)
+            cols = [h * spec.n_out + j if len(values) == 2 else j for h in range(len(values))]
+            values = [v + (extra[c] if len(extra.shape) == 1 else extra[m, c]) for v, c in zip(values, cols)]
+        elif step == "gated_silu":
+            values = [ACTIVATIONS["silu"](values[0]) * values[1]]
+        else:
+            values = [ACTIVATIONS[step](v) for v in values]
+    return values[0]
+
+
+def _placeholders(spec: GemmSpec, M):
+    dtype = tir_dtype(spec.dtype)
+    x = te.placeholder((M, spec.K), dtype, name="x")
+    w = te.placeholder((spec.N, spec.K), dtype, name="w")
+    extras, widths = [], _extra_widths(spec)
+    for i, (rank, width) in enumerate(zip(spec.extra_ranks, widths)):
+        shape = (width,) if rank == 1 else (M, width)
+        extras.append(te.placeholder(shape, dtype, name=f"extra{i}"))
+    return x, w, extras
+
+
+def _extra_widths(spec: GemmSpec) -> list:
+    """Each extra input's last dim: N before a gated_silu, N/2 after it."""
+    widths, width = [], spec.N
+    for step in spec.steps:
+        if step in _WITH_INPUT:
+            widths.append(width)
+        elif step == "gated_silu":
+            width //= 2
+    return widths
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------- gemm (prefill)
+def gemm_func(spec: GemmSpec) -> tirx.PrimFunc:
+    """Outer-product form over a per-block packed w; see the module docstring."""
+    H, K, lanes = spec.halves, spec.K, vector_lanes()
+    nv, mr = 2 * lanes // H, 6  # register tile: 6 rows x H halves x nv columns = 12 vectors
+    nb = 3 * nv  # output columns per parallel block (its packed panel is H * nb x K)
+    M = tirx.Var("M", "int32")
+    x, w, extras = _placeholders(spec, M)
+    half, padded = spec.n_out, _round_up(spec.n_out, nb)
+    packed = te.compute(
+        (H, padded // nv, K, nv),
+        lambda h, jo, k, ji: w[h * half + tirx.min(jo * nv + ji, half - 1), k], name="w_packed")
+    rows = tirx.floordiv(M + mr - 1, mr) * mr
+    k = te.reduce_axis((0, K), name="k")
+    acc = te.compute(
+        (rows, H, padded),
+        lambda m, h, j: te.sum(x[tirx.min(m, M - 1), k] * packed[h, j // nv, k, j % nv], axis=k), name="acc")
+    out = te.compute((M, spec.n_out), lambda m, j: epilogue(spec, lambda h: acc[m, h, j], extras, m, j), name="out")
+    sch = s_tir.Schedule(te.create_prim_func([x, w, *extras, out]))
+    b_out, b_acc, b_pack = (sch.get_sblock(n) for n in ("out", "acc", "w_packed"))
+    m, j = sch.get_loops(b_out)
+    j_block, j_tile, j_vec = sch.split(j, [None, nb // nv, nv])
+    m_tile, m_row = sch.split(m, [None, mr])
+    sch.reorder(j_block, m_tile, j_tile, m_row, j_vec)
+    sch.compute_at(b_acc, j_tile, preserve_unit_loops=True)
+    sch.compute_at(b_pack, j_block, preserve_unit_loops=True)
+    a_m, a_h, a_j, a_k = sch.get_loops(b_acc)[-4:]
+    sch.reorder(a_k, a_m, a_h, a_j)
+    sch.vectorize(a_j)
+    sch.unroll(a_m)
+    sch.unroll(a_h)
+    sch.vectorize(sch.get_loops(b_pack)[-1])
+    sch.unroll(m_row)
+    if spec.n_out % nv == 0:
+        sch.vectorize(j_vec)
+    sch.parallel(j_block)
+    sch.decompose_reduction(b_acc, a_k)
+    return sch.mod["main"]
+
+
+# ----------------------------------------------------------------------------- gemv (decode)
+def gemv_func(spec: GemmSpec, mr: int = 1, rows_per_tile: int = 8) -> tirx.PrimFunc:
+    """Dot-product form straight from w's rows; see the module docstring.
+
+    A register tile is `mr` rows of x times `rows_per_tile` rows of w (split over the
+    halves), one vector accumulator each, summed over lanes at the end.
+    """
+    H, K, lanes = spec.halves, spec.K, vector_lanes()
+    nr = rows_per_tile // H  # weight rows per half in a register tile
+    nb = 8 * nr  # columns per parallel block
+    M = tirx.Var("M", "int32")
+    x, w, extras = _placeholders(spec, M)
+    half, padded = spec.n_out, _round_up(spec.n_out, nb)
+    rows = M if mr == 1 else tirx.floordiv(M + mr - 1, mr) * mr
+    ko = te.reduce_axis((0, -(-K // lanes)), name="ko")
+
+    def product(m, h, j, lane):
+        k = ko * lanes + lane
+        value = x[m if mr == 1 else tirx.min(m, M - 1), k] * w[h * half + tirx.min(j, half - 1), k]
+        return value if K % lanes == 0 else tirx.if_then_else(k < K, value, const(0.0, value))
+
+    partial = te.compute((rows, H, padded, lanes), lambda m, h, j, lane: te.sum(product(m, h, j, lane), axis=ko),
+                         name="partial")
+    lane = te.reduce_axis((0, lanes), name="lane")
+    acc = te.compute((rows, H, padded), lambda m, h, j: te.sum(partial[m, h, j, lane], axis=lane), name="acc")
+    out = te.compute((M, spec.n_out), lambda m, j: epilogue(spec, lambda h: acc[m, h, j], extras, m, j), name="out")
+    sch = s_tir.Schedule(te.create_prim_func([x, w, *extras, out]))
+    b_out, b_acc, b_part = (sch.get_sblock(n) for n in ("out", "acc", "partial"))
+    m, j = sch.get_loops(b_out)
+    j_block, j_tile, j_row = sch.split(j, [None, nb // nr, nr])
+    m_tile, m_row = sch.split(m, [None, mr])
+    sch.reorder(j_block, j_tile, m_tile, m_row, j_row)
+    sch.compute_at(b_acc, m_tile, preserve_unit_loops=True)
+    sch.compute_at(b_part, m_tile, preserve_unit_loops=True)
+    p_m, p_h, p_j, p_lane, p_k = sch.get_loops(b_part)[-5:]
+    sch.reorder(p_k, p_m, p_h, p_j, p_lane)
+    sch.vectorize(p_lane)
+    for loop in (p_m, p_h, p_j, *sch.get_loops(b_acc)[-4:], m_row, j_row):
+        sch.unroll(loop)
+    sch.parallel(j_block)
+    sch.decompose_reduction(b_part, p_k)
+    return sch.mod["main"]
+
+
+# ----------------------------------------------------------------------------- kernel
+def generate(group: Graph) -> tuple:
+    """(kernel name, {function name: scheduled PrimFunc})."""
+    spec = spec_of(single_node(group))
+    return spec.name, {"gemv1": gemv_func(spec, 1, 8), "gemv": gemv_func(spec, 2, 4), "gemm": gemm_func(spec)}
+
+
+def make_run(group: Graph, functions):
+    """run(*group inputs): flatten x's leading dims, allocate the output, pick the form.
+
+    Forms by row count: 1 -> gemv1 (1 x 8 tiles), up to GEMV_MAX_ROWS -> gemv (2 x 4
+    tiles, half the reloads of w), above -> gemm. The common call (2-D, contiguous
+    tensors) goes straight to TVM, which checks shapes and strides itself; anything
+    else is reshaped and made contiguous first.
+    """
+    node = single_node(group)
+    spec, positions = spec_of(node), operand_positions(group, node)
+    gemv1, gemv, gemm = (functions[name] for name in ("gemv1", "gemv", "gemm"))
+    K, n_out, widths = spec.K, spec.n_out, _extra_widths(spec)
+    x_at, w_at, extra_at = positions[0], positions[1], positions[2:]
+
+    def call(x2, w, extras, out2):
+        rows = x2.shape[0]
+        if rows:
+            form = gemv1 if rows == 1 else gemv if rows <= GEMV_MAX_ROWS else gemm
+            form(x2, w, *extras, out2)
+
+    def run(*args):
+        x, w = args[x_at], args[w_at]
+        lead = x.shape[:-1]
+        out = torch.empty((*lead, n_out), dtype=x.dtype)
+        if x.dim() == 2:
+            try:
+                call(x, w, [args[i] for i in extra_at], out)
+                return out
+            except ValueError:  # a strided or broadcast operand: take the general path
+                pass
+        x2 = x.reshape(-1, K).contiguous()
+        rows = x2.shape[0]
+        extras = [_flat_extra(args[i], lead, width, rows) for i, width in zip(extra_at, widths)]
+        call(x2, w.contiguous(), extras, out.view(rows, n_out))
+        return out
+
+    return run
+
+
+def _flat_extra(t: torch.Tensor, lead: tuple, width: int, rows: int) -> torch.Tensor:
+    """A bias stays [width]; a residual becomes [rows, width], broadcast if it must be."""
+    if t.dim() == 1:
+        return t.contiguous()
+    if t.shape[:-1] != lead:
+        t = t.expand(*lead, width)
+    return t.reshape(rows, width).contiguous()
