@@ -87,3 +87,23 @@ def test_unknown_target_is_refused(llama_model):
     config, model = llama_model
     with pytest.raises(ValueError, match="unknown target 'tpu'"):
         compile_tiny(config, model, "tpu", "/nonexistent")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_decoders_compiled_for_cpu_match_eager(model_type, tmp_path):
+    from fuselm.models import gpt2
+    from fuselm.models.config import GPT2Config
+
+    if model_type == "gpt2":
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+        model = gpt2.GPT2LMHeadModel(config).eval()
+    else:
+        config, model = tiny_llama()
+    kernel_cache.stats.clear()
+    compiled = compile_tiny(config, model, "cpu", tmp_path)
+    generated = kernel_cache.stats["codegen_runs"]
+    for prompts in PROMPTS:
+        assert_runs_like_eager(compiled, config, model, prompts)
+    assert kernel_cache.stats["codegen_runs"] == generated  # new lengths, no new kernels
+    assert all(k.source_path.endswith(".tir") for k in compiled.kernels)

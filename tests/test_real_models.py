@@ -146,3 +146,39 @@ def test_minilm_captured_graph_matches_hf(minilm, hf_minilm, hf_minilm_tokenizer
         hidden = ir.interpret(graph, batch["input_ids"], batch["attention_mask"])
         ours = sentence_embeddings(hidden, batch["attention_mask"])
         assert F.cosine_similarity(ours, reference).min().item() >= 0.99999
+
+
+# -- compiled for cpu: fuselm's TVM kernels against transformers ------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_cpu(smollm2, tmp_path_factory):
+    import fuselm.api as api
+
+    example, dynamic = capture_example(smollm2.config)
+    return api.compile(smollm2.model, example, target="cpu", dynamic=dynamic,
+                       cache_dir=str(tmp_path_factory.mktemp("kernels")))
+
+
+def test_smollm2_compiled_for_cpu_matches_hf(smollm2, smollm2_cpu, smollm2_prompts, hf_smollm2_logits):
+    inputs = pack_prompts(smollm2.config, smollm2_prompts, all_logits=True)
+    logits, cache = smollm2_cpu(*inputs.as_tuple())
+    assert cache is inputs.kv_cache
+    for ours, reference in zip(logits.split([len(p) for p in smollm2_prompts]), hf_smollm2_logits, strict=True):
+        assert max_abs_diff(ours, reference) < LOGITS_TOLERANCE
+    for prompt, reference in zip(smollm2_prompts, hf_smollm2_logits):  # one at a time: other token counts
+        (single,) = smollm2_cpu(*pack_prompts(smollm2.config, [prompt], all_logits=True).as_tuple())[:1]
+        assert max_abs_diff(single, reference) < LOGITS_TOLERANCE
+    names = [k.name for k in smollm2_cpu.kernels]
+    assert len(names) == len(set(names)) <= 16  # 30 layers share one set of kernels
+
+
+def test_minilm_compiled_for_cpu_matches_hf(minilm, hf_minilm, hf_minilm_tokenizer, tmp_path):
+    import fuselm.api as api
+
+    example, dynamic = capture_example(minilm.config)
+    compiled = api.compile(minilm.model, example, target="cpu", dynamic=dynamic, cache_dir=str(tmp_path))
+    batch = hf_minilm_tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    reference = hf_mean_pooled_embeddings(hf_minilm, batch["input_ids"], batch["attention_mask"])
+    ours = sentence_embeddings(compiled(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+    assert F.cosine_similarity(ours, reference).min().item() >= 0.99999
