@@ -391,3 +391,64 @@ def test_tiny_bert_compiles_for_cpu_and_matches_eager(tmp_path):
         with torch.no_grad():
             expected = model(ids, mask)
         torch.testing.assert_close(compiled(ids, mask), expected, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- paged attention, query tiles
+def paged_group(block_size, blocks, heads, kv_heads, head_dim, rope):
+    b = GraphBuilder()
+    inputs = [b.input("q", TensorType(("T", heads, head_dim), "f32")),
+              b.input("kv_cache", TensorType((2, 2, blocks, block_size, kv_heads, head_dim), "f32")),
+              b.input("block_tables", TensorType(("N", "MB"), "i32")),
+              b.input("context_lens", TensorType(("N",), "i32")), b.input("cu_seqlens_q", TensorType(("N+1",), "i32"))]
+    if rope:
+        inputs += [b.input("cos", TensorType(("T", head_dim), "f32")), b.input("sin", TensorType(("T", head_dim), "f32"))]
+    return b.build([b.op("paged_attention", *inputs, layer=1, rope=rope, scale=head_dim ** -0.5)])
+
+
+@pytest.mark.parametrize("block_size,heads,kv_heads,head_dim,rope", [
+    (16, 9, 3, 64, False),  # SmolLM2's attention shape
+    (1, 6, 2, 16, True),  # a block per position, rope
+    (16, 4, 4, 24, True),  # no grouping; a head dim that is not a multiple of 16
+    (5, 8, 1, 16, False),  # one kv head for all; a block size that divides nothing
+])
+def test_paged_attention_query_tiles(block_size, heads, kv_heads, head_dim, rope):
+    """Sequences longer than one query tile (odd lengths), fresh and cached context,
+    mixed with q_len 1 and 0 in one batch; the tiled form runs whenever a q_len > 1."""
+    blocks = 160 // block_size + 8
+    group = paged_group(block_size, blocks, heads, kv_heads, head_dim, rope)
+    cases = [  # (query lengths, context lengths)
+        ([37], [37]),  # prefill, fresh context
+        ([13, 1, 0, 21], [50, 17, 3, 21]),  # cached context, decode rows, an empty sequence
+        ([2, 9], [33, 9]),
+    ]
+
+    def make(case):
+        q_lens, context_lens = case
+        tokens = sum(q_lens)
+        generator = torch.Generator().manual_seed(tokens)
+        width = max(-(-c // block_size) for c in context_lens) + 1
+        pool = torch.randperm(blocks, generator=generator).to(torch.int32)
+        tables, used = torch.zeros(len(q_lens), width, dtype=torch.int32), 0
+        for n, context in enumerate(context_lens):
+            count = -(-context // block_size)
+            tables[n, :count] = pool[used:used + count]
+            used += count
+        cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+        args = [torch.randn(tokens, heads, head_dim, generator=generator),
+                torch.randn(2, 2, blocks, block_size, kv_heads, head_dim, generator=generator),
+                tables, torch.tensor(context_lens, dtype=torch.int32), cu]
+        return args + ([torch.randn(tokens, head_dim, generator=generator),
+                        torch.randn(tokens, head_dim, generator=generator)] if rope else [])
+
+    check(group, make, cases)
+
+
+def test_paged_attention_large_scores_and_ties():
+    """Scores far from 0 (the online softmax's running max) and decode beside prefill."""
+    group = paged_group(16, 12, 9, 3, 64, False)
+    for scale in (30.0, 1e-3):
+        tables = torch.arange(12, dtype=torch.int32).reshape(2, 6)
+        args = [torch.randn(41, 9, 64) * scale, torch.randn(2, 2, 12, 16, 3, 64),
+                tables, torch.tensor([40, 90], dtype=torch.int32), torch.tensor([0, 40, 41], dtype=torch.int32)]
+        expected = ir.interpret(group, *[a.clone() for a in args])
+        torch.testing.assert_close(cpu.emit(group).run(*args), expected, rtol=1e-4, atol=1e-4)

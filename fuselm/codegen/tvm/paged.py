@@ -11,12 +11,14 @@ the arguments, so one build serves every batch.
   rotated first when rope=true. It writes `cache` in place and `run` returns that same
   tensor (DLPack hands TVM torch's storage; nothing is copied).
 - `paged_attention(query, cache, block_tables, context_lens, cu_seqlens_q[, cos, sin])`:
-  parallel over (sequence, query head). For each of the sequence's query rows (the last
-  q_len positions of its context, rotated when rope=true), one pass over its visible
-  context with an online softmax: the block table is read once per position, the
-  score is a vector dot product (one accumulator per lane), and the weighted sum of
-  values is a vector update of the row accumulator. Query head h reads kv head
-  h // (H / Hkv).
+  query tiles of ROWS_PER_TILE rows x the H/Hkv query heads that share one kv head
+  (`paged_attention_tiled_func`), parallel over (tile, sequence, kv head). Per chunk of
+  16 context positions the keys are gathered once (transposed) for the whole tile, the
+  scores and the P.V update are register-blocked FMAs, the softmax is online per row,
+  and chunks above the tile's causal diagonal are skipped. `run` passes the tile count
+  (from the longest q_len) and, when every q_len <= 1 (decode), takes the twin built with
+  one row per tile. Query row i of a sequence is the (context - q_len + i)-th position,
+  rotated when rope=true; query head h reads kv head h // (H / Hkv).
 """
 from __future__ import annotations
 
@@ -109,19 +111,35 @@ def kv_cache_write_func(s: CacheSpec, parallel: bool = True):
 
 
 # ----------------------------------------------------------------------------- paged_attention
-def paged_attention_func(s: CacheSpec):
+KEYS_PER_CHUNK = 16  # context positions whose keys are gathered (transposed) together
+ROWS_PER_TILE = 8
+
+
+def paged_attention_tiled_func(s: CacheSpec, rows_per_tile: int):
+    """Query tiles: rows_per_tile query rows x the H/Hkv heads sharing one kv head.
+
+    Work item (tile, sequence, kv head), parallel; tiles are ordered 0, last, 1, last-1,
+    ... so that the static split over the threads gets equal causal work. Per chunk of
+    KEYS_PER_CHUNK context positions: the keys are gathered once, transposed to [D, KC];
+    scores [M, KC] are broadcast FMAs vectorized over the keys; mask, online softmax
+    per row; then acc[M, D] += p[M, KC] . V[KC, D], vectorized over D, V read in place.
+    Chunks past the tile's last visible position are never visited.
+    """
     BS, HKV, D, H, LAYER = s.block_size, s.kv_heads, s.head_dim, s.heads, s.layer
     GROUP = H // HKV
+    QT = rows_per_tile
+    M = QT * GROUP
+    KC = KEYS_PER_CHUNK
+    RB = 4 if M % 4 == 0 else 2 if M % 2 == 0 else 1  # rows per register block
+    DV = 2 * vector_lanes() if D % (2 * vector_lanes()) == 0 else D  # head-dim slice per register block
     cache_dt, q_dt = s.cache_dtype, s.data_dtype
     table_dt, lens_dt, cu_dt = s.index_dtypes
-    LANES = vector_lanes() if D % vector_lanes() == 0 else 1
-    CHUNKS = D // LANES
     half = D // 2
     scale = T.float32(s.scale)
 
     @T.prim_func
-    def paged_attention(query_h: T.handle, cache_h: T.handle, tables_h: T.handle, lens_h: T.handle,
-                        cu_h: T.handle, cos_h: T.handle, sin_h: T.handle, out_h: T.handle):
+    def paged_attention_tiled(query_h: T.handle, cache_h: T.handle, tables_h: T.handle, lens_h: T.handle,
+                              cu_h: T.handle, cos_h: T.handle, sin_h: T.handle, out_h: T.handle, tiles: T.int64):
         T.func_attr({"tirx.noalias": True})
         TOKENS = T.int64()
         L = T.int64()
@@ -138,50 +156,82 @@ def paged_attention_func(s: CacheSpec):
         cos = T.match_buffer(cos_h, (ROPE_T, D), q_dt)
         sin = T.match_buffer(sin_h, (ROPE_T, D), q_dt)
         out = T.match_buffer(out_h, (TOKENS, H, D), q_dt)
-        for work in T.parallel(N * H):
-            q = T.alloc_buffer((D,), "float32", scope="local")
-            acc = T.alloc_buffer((D,), "float32", scope="local")
-            lane_sums = T.alloc_buffer((LANES,), "float32", scope="local")
-            running = T.alloc_buffer((3,), "float32", scope="local")  # max, sum of exp, score
-            n = work // H
-            h = work % H
+        for work in T.parallel(tiles * N * HKV):
+            qt = T.alloc_buffer((M, D), "float32", scope="local")
+            acc = T.alloc_buffer((M, D), "float32", scope="local")
+            kt = T.alloc_buffer((D, KC), "float32", scope="local")
+            sc = T.alloc_buffer((M, KC), "float32", scope="local")
+            blocks = T.alloc_buffer((KC,), "int64", scope="local")
+            offsets = T.alloc_buffer((KC,), "int64", scope="local")
+            peak = T.alloc_buffer((M,), "float32", scope="local")
+            total = T.alloc_buffer((M,), "float32", scope="local")
+            fresh = T.alloc_buffer((M,), "float32", scope="local")
+            z = work // (N * HKV)
+            n = work % (N * HKV) // HKV
+            kv = work % HKV
+            tile = T.Select(z % 2 == 0, z // 2, tiles - 1 - z // 2)
             start = T.Cast("int64", cu[n])
             q_len = T.Cast("int64", cu[n + 1]) - start
             context = T.Cast("int64", lens[n])
-            for qi in range(q_len):
-                t = start + qi
-                for d in T.vectorized(D):
-                    if s.rope:
-                        q[d] = _rotated(query, t, h, cos, sin, d, half, D) * scale
-                    else:
-                        q[d] = T.Cast("float32", query[t, h, d]) * scale
-                    acc[d] = T.float32(0.0)
-                running[0] = T.float32(-3.0e38)
-                running[1] = T.float32(0.0)
-                for pos in range(context - q_len + qi + 1):
-                    block = T.Cast("int64", tables[n, pos // BS])
-                    offset = pos % BS
-                    for lane in T.vectorized(LANES):
-                        lane_sums[lane] = T.float32(0.0)
-                    for c in range(CHUNKS):
-                        for lane in T.vectorized(LANES):
-                            lane_sums[lane] = lane_sums[lane] + q[c * LANES + lane] * T.Cast(
-                                "float32", cache[LAYER, 0, block, offset, h // GROUP, c * LANES + lane])
-                    running[2] = T.float32(0.0)
-                    for lane in range(LANES):
-                        running[2] = running[2] + lane_sums[lane]
-                    peak = T.max(running[0], running[2])
-                    correction = fastmath.exp(running[0] - peak)
-                    weight = fastmath.exp(running[2] - peak)
-                    running[1] = running[1] * correction + weight
-                    running[0] = peak
+            q0 = tile * QT
+            if q0 < q_len:
+                rows = T.min(T.int64(QT), q_len - q0)
+                first = context - q_len + q0  # last visible position of the tile's row 0
+                for qi, g in T.grid(QT, GROUP):
                     for d in T.vectorized(D):
-                        acc[d] = acc[d] * correction + weight * T.Cast(
-                            "float32", cache[LAYER, 1, block, offset, h // GROUP, d])
-                for d in T.vectorized(D):
-                    out[t, h, d] = T.Cast(q_dt, acc[d] / running[1])
+                        if s.rope:
+                            qt[qi * GROUP + g, d] = _rotated(query, start + q0 + T.min(T.int64(qi), rows - 1),
+                                                             kv * GROUP + g, cos, sin, d, half, D) * scale
+                        else:
+                            qt[qi * GROUP + g, d] = T.Cast("float32", query[
+                                start + q0 + T.min(T.int64(qi), rows - 1), kv * GROUP + g, d]) * scale
+                        acc[qi * GROUP + g, d] = T.float32(0.0)
+                for r in range(M):
+                    peak[r] = T.float32(-3.0e38)
+                    total[r] = T.float32(0.0)
+                for c in range((first + rows + (KC - 1)) // KC):
+                    for j in range(KC):
+                        pos = T.min(c * KC + j, first + rows - 1)  # past the end: a visible one, masked
+                        blocks[j] = T.Cast("int64", tables[n, pos // BS])
+                        offsets[j] = pos % BS
+                        for d in range(D):
+                            kt[d, j] = T.Cast("float32", cache[LAYER, 0, blocks[j], offsets[j], kv, d])
+                    for rb in range(M // RB):
+                        for ri in T.unroll(RB):
+                            for j in T.vectorized(KC):
+                                sc[rb * RB + ri, j] = T.float32(0.0)
+                        for d in range(D):
+                            for ri in T.unroll(RB):
+                                for j in T.vectorized(KC):
+                                    sc[rb * RB + ri, j] = sc[rb * RB + ri, j] + qt[rb * RB + ri, d] * kt[d, j]
+                    for r in range(M):
+                        for j in T.vectorized(KC):
+                            sc[r, j] = T.Select(c * KC + j <= first + r // GROUP, sc[r, j], T.float32(-3.0e38))
+                        fresh[r] = peak[r]
+                        for j in range(KC):
+                            fresh[r] = T.max(fresh[r], sc[r, j])
+                        for j in T.vectorized(KC):
+                            sc[r, j] = fastmath.exp(sc[r, j] - fresh[r])
+                        total[r] = total[r] * fastmath.exp(peak[r] - fresh[r])
+                        for d in T.vectorized(D):
+                            acc[r, d] = acc[r, d] * fastmath.exp(peak[r] - fresh[r])
+                        peak[r] = fresh[r]
+                        for j in range(KC):
+                            total[r] = total[r] + sc[r, j]
+                    for rb, dc in T.grid(M // RB, D // DV):
+                        for j in range(KC):
+                            for ri in T.unroll(RB):
+                                for dd in T.vectorized(DV):
+                                    acc[rb * RB + ri, dc * DV + dd] = acc[rb * RB + ri, dc * DV + dd] + sc[
+                                        rb * RB + ri, j] * T.Cast("float32", cache[
+                                            LAYER, 1, blocks[j], offsets[j], kv, dc * DV + dd])
+                for qi, g in T.grid(QT, GROUP):
+                    if T.Cast("int64", qi) < rows:
+                        for d in T.vectorized(D):
+                            out[start + q0 + qi, kv * GROUP + g, d] = T.Cast(
+                                q_dt, acc[qi * GROUP + g, d] / total[qi * GROUP + g])
 
-    return paged_attention
+    return paged_attention_tiled
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -192,7 +242,8 @@ def generate(group: Graph) -> tuple:
     name = f"{node.op}_bs{spec.block_size}_h{spec.kv_heads}_d{spec.head_dim}_l{spec.layer}" + ("_rope" if spec.rope else "")
     if node.op == "kv_cache_write":
         return name, {"main": kv_cache_write_func(spec), "serial": kv_cache_write_func(spec, parallel=False)}
-    return name, {"main": paged_attention_func(spec)}
+    return name, {"main": paged_attention_tiled_func(spec, ROWS_PER_TILE),
+                  "decode": paged_attention_tiled_func(spec, 1)}
 
 
 def make_run(group: Graph, functions):
@@ -200,7 +251,7 @@ def make_run(group: Graph, functions):
     spec, positions = spec_of(node), operand_positions(group, node)
     if node.op == "kv_cache_write":
         return _write_run(functions["main"], functions["serial"], positions, spec)
-    return _attention_run(functions["main"], positions, spec)
+    return _attention_run(functions["main"], functions["decode"], positions, spec)
 
 
 def _rope_tables(args: list, spec: CacheSpec, dtype) -> list:
@@ -223,12 +274,19 @@ def _write_run(parallel, serial, positions: list, spec: CacheSpec):
     return run
 
 
-def _attention_run(fn, positions: list, spec: CacheSpec):
+def _attention_run(tiled, decode, positions: list, spec: CacheSpec):
     def run(*inputs):
         args = [inputs[i] for i in positions]
         query = args[0].contiguous()
         out = torch.empty_like(query)
-        fn(query, args[1], *(a.contiguous() for a in args[2:5]), *_rope_tables(args, spec, query.dtype), out)
+        cu = args[4].contiguous()
+        operands = (query, args[1], args[2].contiguous(), args[3].contiguous(), cu,
+                    *_rope_tables(args, spec, query.dtype), out)
+        longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        if longest > 1:
+            tiled(*operands, -(-longest // ROWS_PER_TILE))
+        elif longest == 1:
+            decode(*operands, 1)  # one row per tile: the H/Hkv heads of a kv head share its keys
         return out
 
     return run
