@@ -1,7 +1,8 @@
 """The kernel cache: one kernel per distinct group, in memory and on disk.
 
-The key hashes the group's IR (weights are parameters, symbols canonical), the target
-and the versions of fuselm, torch and the target's compiler, so identical layers share
+The key hashes the group's IR (weights are parameters, symbols canonical), the target,
+the versions of fuselm, torch and the target's compiler, and the source of the target's
+emitters (an edited emitter must not reuse old kernels), so identical layers share
 a kernel and a second compile of the same model does no code generation at all: the
 backend reloads what it wrote (`codegen_runs` counts real generations; tests read it).
 
@@ -12,7 +13,9 @@ An entry is used only once its `kernel.json` marker is written, after everything
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -44,7 +47,16 @@ def versions(target: str) -> tuple:
         except metadata.PackageNotFoundError:
             return "none"
 
-    return tuple(f"{d}={version(d)}" for d in ("fuselm", "torch", COMPILERS[target]))
+    return tuple(f"{d}={version(d)}" for d in ("fuselm", "torch", COMPILERS[target])) + (emitter_digest(target),)
+
+
+def emitter_digest(target: str) -> str:
+    """A hash of the target's emitter sources (found without importing the compiler)."""
+    spec = importlib.util.find_spec(BACKENDS[target])
+    digest = hashlib.sha256()
+    for path in sorted(Path(spec.submodule_search_locations[0]).glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def backend(target: str):
