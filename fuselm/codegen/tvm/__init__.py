@@ -26,15 +26,21 @@ This package is the only part of fuselm that imports tvm.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
+import os
 
-from ...ir.graph import Graph, Input, Node
-from ...ir.interpreter import concrete_attr
-from ...ir.registry import get_op
-from ..kernel import Kernel, group_key
-from .build import ShapeBinder, build, build_count, load_built
+# One pool owns the cores: TVM's. By default it starts half the logical CPUs (it assumes
+# hyperthreads), which on a 2-vCPU machine is one thread; it reads this when it starts.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from ...ir.graph import Graph, Input, Node  # noqa: E402
+from ...ir.interpreter import concrete_attr  # noqa: E402
+from ...ir.registry import get_op  # noqa: E402
+from ..kernel import Kernel, group_key  # noqa: E402
+from .build import ShapeBinder, build, build_count, load_built  # noqa: E402
 
 __all__ = ["emit", "load", "build_count"]
 VIEW_OPS = ("reshape", "permute", "slice", "select", "expand")
