@@ -136,6 +136,22 @@ def test_sibling_gemms_share_one_gemm():
     same_results(before, after, torch.randn(5, 8))
 
 
+def test_biased_siblings_concatenate_their_biases_too():
+    b = GraphBuilder()
+    x = b.input("x", TensorType(("T", 8), "f32"))
+    q = b.op("gemm", x, weight(b, "self.query.weight", 8, 8), weight(b, "self.query.bias", 8), epilogue=("bias",))
+    k = b.op("gemm", x, weight(b, "self.key.weight", 8, 8), weight(b, "self.key.bias", 8), epilogue=("bias",))
+    plain = b.op("gemm", x, weight(b, "plain.weight", 4, 8))  # another kind: left alone
+    before = b.build([b.op("concat", q, k, dim=1), plain])
+    after = fuse_sibling_gemms(before)
+    assert ops(after) == ["gemm", "slice", "slice", "gemm", "concat"]
+    assert {"self.query+key.weight", "self.query+key.bias"} <= set(after.constants)
+    assert counters["fuse_sibling_gemms.siblings"] == 1
+    x_value = torch.randn(5, 8)
+    for got, expected in zip(ir.interpret(after, x_value), ir.interpret(before, x_value)):
+        torch.testing.assert_close(got, expected)
+
+
 def test_a_lone_gemm_is_not_a_sibling():
     b = GraphBuilder()
     x = b.input("x", TensorType(("T", 8), "f32"))

@@ -1,9 +1,11 @@
 """Fuse sibling gemms: gemms reading one input become one gemm over concatenated weights.
 
-q/k/v projections (and any other gemms of one activation with constant weights and no
-epilogue) read their input once: `gemm(x, [Wq; Wk; Wv])`, and each original result
-becomes a column slice of the fused output (a view, free at run time). The fused gemm
-is placed at the first sibling, so every reader of a slice comes after it.
+q/k/v projections (and any other gemms of one activation with constant weights, and no
+epilogue or a constant bias only) read their input once: `gemm(x, [Wq; Wk; Wv][, bias])`,
+and each original result becomes a column slice of the fused output (a view, free at
+run time). Siblings fuse only with their own kind (plain with plain, biased with
+biased). The fused gemm is placed at the first sibling, so every reader of a slice
+comes after it.
 """
 from __future__ import annotations
 
@@ -12,24 +14,31 @@ from .patterns import Any, Const, Op, Rule, rewrite
 from .weights import concatenated_constant
 
 
-def _is_plain_gemm(node, x) -> bool:
-    return (
-        node.op == "gemm"
-        and node.inputs[0] is x
-        and len(node.inputs) == 2
-        and isinstance(node.inputs[1], Constant)
-        and not node.attrs.get("epilogue")
-    )
+def sibling_kind(node, x):
+    """"plain" or "bias" for a gemm of x that can fuse with its siblings, else None."""
+    if node.op != "gemm" or node.inputs[0] is not x or not isinstance(node.inputs[1], Constant):
+        return None
+    epilogue = tuple(node.attrs.get("epilogue", ()))
+    if not epilogue and len(node.inputs) == 2:
+        return "plain"
+    if epilogue == ("bias",) and isinstance(node.inputs[2], Constant):
+        return "bias"
+    return None
 
 
 def _fuse(builder, m):
     x, first = m.old("x"), m.old("gemm")
-    siblings = [u for u in m.users.get(x, []) if _is_plain_gemm(u, x)]
+    kind = sibling_kind(first, x)
+    siblings = [u for u in m.users.get(x, []) if sibling_kind(u, x) == kind]
     siblings = [s for s in siblings if s.inputs[1].type.dtype == first.inputs[1].type.dtype]
-    if len(siblings) < 2 or siblings[0] is not first:
+    if kind is None or len(siblings) < 2 or siblings[0] is not first:
         return None
-    weights = [builder.adopt(s.inputs[1]) for s in siblings]
-    fused = builder.op("gemm", m.x, concatenated_constant(builder, weights), source=first.source)
+    weights = concatenated_constant(builder, [builder.adopt(s.inputs[1]) for s in siblings])
+    if kind == "bias":
+        bias = concatenated_constant(builder, [builder.adopt(s.inputs[2]) for s in siblings])
+        fused = builder.op("gemm", m.x, weights, bias, epilogue=("bias",), source=first.source)
+    else:
+        fused = builder.op("gemm", m.x, weights, source=first.source)
     replaced, start = {}, 0
     for sibling in siblings:
         width = sibling.type.shape[-1]
@@ -39,8 +48,8 @@ def _fuse(builder, m):
 
 
 RULES = [
-    # gemm(x, W1), gemm(x, W2), ... -> slices of gemm(x, [W1; W2; ...])
-    Rule("siblings", Op("gemm", Any("x"), Const("w"), bind="gemm", epilogue=lambda e: not e), _fuse),
+    # gemm(x, W1[, b1]), gemm(x, W2[, b2]), ... -> slices of gemm(x, [W1; W2; ...][, [b1; b2; ...]])
+    Rule("siblings", Op("gemm", Any("x"), Const("w"), bind="gemm", exact_arity=False), _fuse),
 ]
 
 
