@@ -452,3 +452,61 @@ def test_paged_attention_large_scores_and_ties():
                 tables, torch.tensor([40, 90], dtype=torch.int32), torch.tensor([0, 40, 41], dtype=torch.int32)]
         expected = ir.interpret(group, *[a.clone() for a in args])
         torch.testing.assert_close(cpu.emit(group).run(*args), expected, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- attention, query tiles
+@pytest.mark.parametrize("mask,attrs,heads,kv_heads,head_dim,value_dim", [
+    (None, {}, 3, 3, 32, 32),
+    ("bool", {}, 2, 2, 16, 24),
+    ("f32", {"scale": 0.3, "gqa": True}, 4, 2, 32, 16),  # gqa with a float mask
+    ("bool_ss", {"gqa": True}, 2, 1, 12, 20),  # a [S, S] mask broadcast over batch and heads; D, Dv not multiples of 8
+    (None, {"causal": True}, 3, 3, 12, 8),
+    (None, {"causal": True, "gqa": True}, 6, 2, 64, 64),
+])
+def test_attention_query_tiles(mask, attrs, heads, kv_heads, head_dim, value_dim):
+    """The lone attention op takes the TVMScript query-tile kernel; sizes straddle the
+    tiles (16 rows) and the key chunks (64 keys), one row may be all padding but key 0."""
+    from fuselm.codegen.tvm import attention
+    b = GraphBuilder()
+    q = b.input("q", TensorType(("B", heads, "S", head_dim), "f32"))
+    k = b.input("k", TensorType(("B", kv_heads, "S", head_dim), "f32"))
+    v = b.input("v", TensorType(("B", kv_heads, "S", value_dim), "f32"))
+    inputs = [q, k, v]
+    if mask == "bool_ss":
+        inputs.append(b.input("mask", TensorType(("S", "S"), "bool")))
+    elif mask:
+        inputs.append(b.input("mask", TensorType(("B", 1, 1, "S"), mask)))
+    group = b.build([b.op("attention", *inputs, **attrs)])
+    assert attention.tiled_supported(group)
+
+    def make(bs):
+        args = random_inputs(group, {B: bs[0], S: bs[1]})[:3]
+        if mask == "bool_ss":
+            keep = torch.rand(bs[1], bs[1]) > 0.4
+            keep[:, 0] = True
+            args.append(keep)
+        elif mask == "bool":
+            keep = torch.ones(bs[0], 1, 1, bs[1], dtype=torch.bool)
+            keep[0, ..., bs[1] // 2 + 1:] = False
+            args.append(keep)
+        elif mask == "f32":
+            m = torch.where(torch.rand(bs[0], 1, 1, bs[1]) > 0.3, 0.0, torch.finfo(torch.float32).min)
+            m[..., 0] = 0.0
+            args.append(m)
+        return args
+
+    kernel = check(group, make, [(1, 1), (2, 17), (3, 70), (1, 131)], rtol=1e-4, atol=2e-5)
+    assert kernel.name.startswith("attention_tiled")
+
+
+def test_attention_with_views_keeps_te_path():
+    """attention with a view inlined into its reads is not a lone op: the TE lowering."""
+    from fuselm.codegen.tvm import attention
+    b = GraphBuilder()
+    q = b.input("q", TensorType(("B", "S", 2, 16), "f32"))
+    k = b.input("k", TensorType(("B", 2, "S", 16), "f32"))
+    v = b.input("v", TensorType(("B", 2, "S", 16), "f32"))
+    group = b.build([b.op("attention", b.op("permute", q, dims=(0, 2, 1, 3)), k, v)])
+    assert not attention.tiled_supported(group)
+    kernel = check(group, lambda bs: random_inputs(group, {B: bs[0], S: bs[1]}), [(1, 3), (2, 9)])
+    assert not kernel.name.startswith("attention_tiled")

@@ -7,6 +7,9 @@ sums over D (8 keys at a time), the mask, the row max, the probabilities exp(s -
 kept in a row buffer (one exp per score), their sum, then out[e] = sum_j p_j v[j, e]
 with e vectorized. Scores are materialized one row at a time, never [S, S].
 
+A group of the attention op alone (no views inlined) takes `tiled_func` below instead:
+query tiles in TVMScript (elementwise.py routes it there). The TE form serves the rest.
+
 Semantics are torch's scaled_dot_product_attention: a bool mask keeps True positions,
 a float mask is added; `causal` keeps key j <= query i (top-left aligned); scale
 defaults to 1/sqrt(D); with `gqa`, query head h reads kv head h // (H / Hkv).
@@ -115,3 +118,218 @@ def refine(sch, name: str, lanes: int) -> None:
     if isinstance(extent, tirx.IntImm) and extent.value % lanes == 0 and lanes > 1:
         sch.vectorize(sch.split(e, [None, lanes])[1])
     sch.decompose_reduction(numerator, j)
+
+
+# ----------------------------------------------------------------------------- query tiles
+# The single-node `attention` group is compiled from TVMScript instead (`tiled_func`), with
+# the structure of paged.py's paged_attention_tiled: work items (query tile, batch, head),
+# parallel, tiles ordered 0, last, 1, last-1, ... so the static split balances causal work.
+# K is transposed once by `run` (torch) to [D, keys padded to whole chunks]. Per chunk of
+# KEYS_PER_CHUNK keys: the scores [QT, KC] are register blocks of RB rows x KEYS_PER_BLOCK
+# keys, broadcast FMAs vectorized over the keys, reading K^T in place; the mask
+# (read per score, its key dim padded by `run` to whole chunks, other broadcast dims
+# read at index 0) and causality are applied; online
+# softmax per row; acc[QT, Dv] += p . V[chunk], vectorized over Dv, V read in place.
+# Chunks past the tile's causal diagonal are never visited. Every size but D and Dv is a
+# variable bound from the arguments.
+ROWS_PER_TILE = 16
+KEYS_PER_CHUNK = 32  # keys per online-softmax step
+KEYS_PER_BLOCK = 16  # keys per register block of scores
+
+
+def tiled_supported(group) -> bool:
+    if len(group.nodes) != 1 or group.outputs != [group.nodes[0]] or group.nodes[0].op != "attention":
+        return False
+    node = group.nodes[0]
+    q_type, k_type, v_type = (x.type for x in node.inputs[:3])
+    if not (isinstance(q_type.shape[3], int) and isinstance(v_type.shape[3], int)):
+        return False
+    if len(q_type.shape) != 4 or len(k_type.shape) != 4 or len(v_type.shape) != 4:
+        return False
+    dtypes = {x.type.dtype for x in node.inputs[:3]}
+    if not dtypes <= {"f32", "f16", "bf16"}:
+        return False
+    if len(node.inputs) > 3:
+        mask = node.inputs[3].type
+        if len(mask.shape) > 4 or mask.dtype not in ("bool", "f32", "f16", "bf16"):
+            return False
+    from .build import operand_positions
+    try:
+        operand_positions(group, node)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def tiled_func(node, parallel: bool = True):
+    from tvm.script import tirx as T
+
+    from .build import tir_dtype
+
+    q_type, k_type, v_type = (x.type for x in node.inputs[:3])
+    D, DVAL = q_type.shape[3], v_type.shape[3]
+    scale = T.float32(node.attrs.get("scale") or 1.0 / math.sqrt(D))
+    causal = bool(node.attrs.get("causal", False))
+    has_mask = len(node.inputs) > 3
+    bool_mask = has_mask and node.inputs[3].type.dtype == "bool"
+    mask_dt = tir_dtype(node.inputs[3].type.dtype) if has_mask else "float32"
+    q_dt, k_dt, v_dt = (tir_dtype(t.dtype) for t in (q_type, k_type, v_type))
+    QT, KC = ROWS_PER_TILE, KEYS_PER_CHUNK
+    RB = 4
+    HALF = vector_lanes()  # lanes of the per-row partial max and sum
+    KS = KEYS_PER_BLOCK
+    lanes = vector_lanes()
+    DV = 2 * lanes if DVAL % (2 * lanes) == 0 else lanes if DVAL % lanes == 0 else DVAL
+    NEG = T.float32(-math.inf)
+    items = T.parallel if parallel else T.serial
+
+    @T.prim_func
+    def attention_tiled(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, out_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        B = T.int64()
+        H = T.int64()
+        S = T.int64()
+        KB = T.int64()
+        KH = T.int64()
+        MB = T.int64()
+        MH = T.int64()
+        MS = T.int64()
+        MK = T.int64()
+        query = T.match_buffer(q_h, (B, H, S, D), q_dt)
+        KP = T.int64()
+        key = T.match_buffer(k_h, (KB, KH, D, KP), k_dt)  # transposed, keys padded to whole chunks
+        SK = T.int64()
+        value = T.match_buffer(v_h, (KB, KH, SK, DVAL), v_dt)
+        mask = T.match_buffer(m_h, (MB, MH, MS, MK), mask_dt)
+        out = T.match_buffer(out_h, (B, H, S, DVAL), q_dt)
+        for work in items(((S + (QT - 1)) // QT) * B * H):
+            qt = T.alloc_buffer((QT, D), "float32", scope="local")
+            acc = T.alloc_buffer((QT, DVAL), "float32", scope="local")
+            sc = T.alloc_buffer((QT, KC), "float32", scope="local")
+            peak = T.alloc_buffer((QT,), "float32", scope="local")
+            total = T.alloc_buffer((QT, HALF), "float32", scope="local")
+            fresh = T.alloc_buffer((QT,), "float32", scope="local")
+            alpha = T.alloc_buffer((QT,), "float32", scope="local")
+            part = T.alloc_buffer((HALF,), "float32", scope="local")
+            tiles = (S + (QT - 1)) // QT
+            z = work // (B * H)
+            b = work % (B * H) // H
+            h = work % H
+            tile = T.Select(z % 2 == 0, z // 2, tiles - 1 - z // 2)
+            kb = T.min(b, KB - 1)
+            kh = h // (H // KH)
+            mb = T.min(b, MB - 1)
+            mh = T.min(h, MH - 1)
+            q0 = tile * QT
+            rows = T.min(T.int64(QT), S - q0)
+            for qi in range(QT):
+                for d in T.vectorized(D):
+                    qt[qi, d] = T.Cast("float32", query[b, h, q0 + T.min(T.int64(qi), rows - 1), d]) * scale
+                for d in T.vectorized(DVAL):
+                    acc[qi, d] = T.float32(0.0)
+                peak[qi] = T.float32(-3.0e38)
+                for l in T.vectorized(HALF):
+                    total[qi, l] = T.float32(0.0)
+            visible = T.min(SK, q0 + rows) if causal else SK
+            for c in range((visible + (KC - 1)) // KC):
+                for rb, ks in T.grid(QT // RB, KC // KS):
+                    for ri in T.unroll(RB):
+                        for j in T.vectorized(KS):
+                            sc[rb * RB + ri, ks * KS + j] = T.float32(0.0)
+                    for d in range(D):
+                        for ri in T.unroll(RB):
+                            for j in T.vectorized(KS):
+                                sc[rb * RB + ri, ks * KS + j] = sc[rb * RB + ri, ks * KS + j] + qt[
+                                    rb * RB + ri, d] * T.Cast("float32", key[kb, kh, d, c * KC + ks * KS + j])
+                for r in range(QT):
+                    for j in T.vectorized(KC):
+                        if has_mask:
+                            if bool_mask:
+                                sc[r, j] = T.Select(
+                                    mask[mb, mh, T.min(q0 + T.min(T.int64(r), rows - 1), MS - 1),
+                                         c * KC + j], sc[r, j], NEG)
+                            else:
+                                sc[r, j] = sc[r, j] + T.Cast("float32", mask[
+                                    mb, mh, T.min(q0 + T.min(T.int64(r), rows - 1), MS - 1),
+                                    c * KC + j])
+                        if causal:
+                            sc[r, j] = T.Select(c * KC + j <= q0 + r, sc[r, j], NEG)
+                        else:
+                            sc[r, j] = T.Select(c * KC + j < SK, sc[r, j], NEG)
+                    for l in T.vectorized(HALF):
+                        part[l] = sc[r, l]
+                    for t in range(1, KC // HALF):
+                        for l in T.vectorized(HALF):
+                            part[l] = T.max(part[l], sc[r, t * HALF + l])
+                    fresh[r] = peak[r]
+                    for l in range(HALF):
+                        fresh[r] = T.max(fresh[r], part[l])
+                    alpha[r] = fastmath.exp(peak[r] - fresh[r])
+                    for j in T.vectorized(KC):
+                        sc[r, j] = fastmath.exp(sc[r, j] - fresh[r])
+                    for l in T.vectorized(HALF):
+                        total[r, l] = total[r, l] * alpha[r]
+                    for t in range(KC // HALF):
+                        for l in T.vectorized(HALF):
+                            total[r, l] = total[r, l] + sc[r, t * HALF + l]
+                    for d in T.vectorized(DVAL):
+                        acc[r, d] = acc[r, d] * alpha[r]
+                    peak[r] = fresh[r]
+                for rb, dc in T.grid(QT // RB, DVAL // DV):
+                    for j in range(KC):
+                        for ri in T.unroll(RB):
+                            for dd in T.vectorized(DV):
+                                acc[rb * RB + ri, dc * DV + dd] = acc[rb * RB + ri, dc * DV + dd] + sc[
+                                    rb * RB + ri, j] * T.Cast("float32", value[
+                                        kb, kh, T.min(c * KC + j, SK - 1), dc * DV + dd])
+            for qi in range(QT):
+                if T.Cast("int64", qi) < rows:
+                    fresh[qi] = T.float32(0.0)
+                    for l in range(HALF):
+                        fresh[qi] = fresh[qi] + total[qi, l]
+                    for d in T.vectorized(DVAL):
+                        out[b, h, q0 + qi, d] = T.Cast(q_dt, acc[qi, d] / fresh[qi])
+
+    return attention_tiled
+
+
+def tiled_generate(group) -> tuple:
+    from ..kernel import group_key
+
+    return "attention_tiled_" + group_key(group, "cpu")[:6], {"main": tiled_func(group.nodes[0]),
+                                                                  "serial": tiled_func(group.nodes[0], parallel=False)}
+
+
+def tiled_make_run(group, functions):
+    import torch
+
+    from .build import operand_positions
+
+    node = group.nodes[0]
+    positions = operand_positions(group, node)
+    from . import elementwise  # its SERIAL_MAX, read per call
+
+    parallel, serial = functions["main"], functions["serial"]
+    dummy = torch.zeros((1, 1, 1, 1), dtype=torch.float32)
+
+    def run(*inputs):
+        args = [inputs[i] for i in positions]
+        q, k, v = (a if a.is_contiguous() else a.contiguous() for a in args[:3])
+        keys = k.shape[2]
+        kt = torch.nn.functional.pad(k.transpose(2, 3), (0, -keys % KEYS_PER_CHUNK)).contiguous()
+        if len(args) > 3:
+            mask = args[3]
+            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+            if mask.shape[3] != keys or keys % KEYS_PER_CHUNK:  # whole chunks of keys, read as vectors
+                pad = -keys % KEYS_PER_CHUNK
+                mask = torch.nn.functional.pad(mask.expand(*mask.shape[:3], keys), (0, pad))
+            mask = mask.contiguous()
+        else:
+            mask = dummy
+        out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype)
+        if out.numel():
+            work = max(q.numel(), k.numel(), v.numel(), out.numel())
+            (serial if work < elementwise.SERIAL_MAX else parallel)(q, kt, v, mask, out)
+        return out
+
+    return run

@@ -37,6 +37,8 @@ KEEP = "_kept"  # a compute named so is materialized (per row), not inlined
 
 def generate(group: Graph) -> tuple:
     """Lower and schedule `group`: (kernel name, {"main": parallel, "serial": serial PrimFunc})."""
+    if attention.tiled_supported(group):  # a lone attention: query tiles, in TVMScript
+        return attention.tiled_generate(group)
     ops = list(dict.fromkeys(node.op for node in group.nodes))
     name = "_".join(["fused", *ops[:4], group_key(group, "cpu")[:6]])
     return name, {"main": _scheduled(group, parallel=True), "serial": _scheduled(group, parallel=False)}
@@ -56,6 +58,8 @@ def _scheduled(group: Graph, parallel: bool) -> tirx.PrimFunc:
 def make_run(group: Graph, functions):
     """run(*inputs): symbol values read from the shapes, the output allocated, one call
     (the serial twin when no tensor reaches SERIAL_MAX elements: waking the pool costs more)."""
+    if attention.tiled_supported(group):
+        return attention.tiled_make_run(group, functions)
     binder, parallel, serial = ShapeBinder(group.inputs), functions["main"], functions["serial"]
     out_type = group.outputs[0].type
     out_shape = OutputShape(out_type.shape, binder.symbols)
