@@ -5,7 +5,7 @@ error types; `fuselm.ir`, `fuselm.frontend`, `fuselm.passes` and `fuselm.models`
 importable subpackages. TVM and Triton are imported only when a target needs them.
 """
 from .api import CompiledModule, compile
-from .errors import FuselmError, UnsupportedOpError
+from .errors import FuselmError, UnsupportedKernelError, UnsupportedOpError
 
 __version__ = "0.1.0"
-__all__ = ["compile", "CompiledModule", "FuselmError", "UnsupportedOpError", "__version__"]
+__all__ = ["compile", "CompiledModule", "FuselmError", "UnsupportedKernelError", "UnsupportedOpError", "__version__"]

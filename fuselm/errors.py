@@ -13,3 +13,7 @@ class UnsupportedOpError(FuselmError):
         self.source = source
         where = f" at {source}" if source else ""
         super().__init__(f"unsupported op {op}{where}{': ' + detail if detail else ''}")
+
+
+class UnsupportedKernelError(FuselmError, NotImplementedError):
+    """No kernel of the target can compute a fused group (its ops, dtypes or shapes)."""

@@ -23,6 +23,7 @@ import hashlib
 import re
 from pathlib import Path
 
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph
 from ..kernel import Kernel
 from . import attention, elementwise, gemm, kv_cache_write, norm, paged_attention
@@ -37,7 +38,7 @@ def emit(group: Graph, kernel_dir: Path) -> Kernel:
     if group.constants:
         raise ValueError("a kernel group takes its weights as inputs; it holds no constants")
     if len(group.outputs) != 1:
-        raise NotImplementedError(f"a kernel group has one output, this one has {len(group.outputs)}")
+        raise UnsupportedKernelError(f"a kernel group has one output, this one has {len(group.outputs)}")
     plan = plan_group(group, tuple(EMITTERS))
     generated = _generate(plan)
     run = run_source(group, plan, generated.params)
@@ -66,7 +67,7 @@ def _generate(plan) -> GeneratedKernel:
     if all(node.op in elementwise.OPS for node in plan.compute):
         return elementwise.generate(plan.compute, plan.compute_inputs)
     ops = ", ".join(node.op for node in plan.compute)
-    raise NotImplementedError(f"no Triton emitter for a group of [{ops}]")
+    raise UnsupportedKernelError(f"no Triton emitter for a group of [{ops}]")
 
 
 def module_source(name: str, generated: GeneratedKernel, run: str) -> str:

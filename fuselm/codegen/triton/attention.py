@@ -10,6 +10,7 @@ form: none, bool (True = attend) or additive float, any shape that broadcasts to
 """
 from __future__ import annotations
 
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Node
 from ...ir.types import dim_str
 from .device_functions import ONLINE_SOFTMAX, mma_source
@@ -28,7 +29,7 @@ def generate(node: Node) -> GeneratedKernel:
     mask = node.inputs[3].type if len(node.inputs) > 3 else None
     causal, scale = bool(node.attrs.get("causal", False)), node.attrs.get("scale")
     if q.dtype not in ("f32", "f16", "bf16"):
-        raise NotImplementedError(f"attention kernels take float inputs, got q {q}")
+        raise UnsupportedKernelError(f"attention kernels take float inputs, got q {q}")
     if scale is not None and isinstance(q.shape[-1], int) and abs(scale - q.shape[-1] ** -0.5) < 1e-12:
         scale = None  # the default, spelled out by the frontend
     mask_kind = None if mask is None else ("bool" if mask.dtype == "bool" else "additive")

@@ -18,6 +18,7 @@ import math
 
 import sympy
 
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Node, Value
 from ...ir.types import dim_str
 from .device_functions import ACTIVATIONS
@@ -49,7 +50,7 @@ def compute_dtype(dtype: str) -> str:
 def generate(nodes: list, inputs: list) -> GeneratedKernel:
     root = nodes[-1]
     if not inputs:
-        raise NotImplementedError("a pointwise group with no inputs has no device to run on")
+        raise UnsupportedKernelError("a pointwise group with no inputs has no device to run on")
     codegen = IndexCodegen(inputs)
     coords = codegen.output_coordinates(root.type.shape)
     result = codegen.value(root, coords)
@@ -83,7 +84,7 @@ class IndexCodegen:
             self.symbols.setdefault(s, f"size_{s}")
         text = dim_str(d.subs({s: sympy.Symbol(self.symbols[s]) for s in d.free_symbols}))
         if "floor" in text or "/" in text:
-            raise NotImplementedError(f"size {dim_str(d)} has no plain integer form")
+            raise UnsupportedKernelError(f"size {dim_str(d)} has no plain integer form")
         return text
 
     def index(self, expression: str) -> str:
@@ -247,7 +248,7 @@ def pointwise_expression(node: Node, args: list, helpers: set) -> str:
         return f"tl.where({args[0]}, {args[1]}, {args[2]})"
     if op == "masked_fill":
         return f"tl.where({args[1]}, {literal(float(attrs['value']))}, {args[0]})"
-    raise NotImplementedError(f"no pointwise form for {op}")
+    raise UnsupportedKernelError(f"no pointwise form for {op}")
 
 
 def literal(value) -> str:
@@ -310,7 +311,7 @@ def _launch(name: str, inputs: list, root: Node, codegen: IndexCodegen) -> str:
                 sources.setdefault(d, f"{params[i]}.shape[{axis}]")
     missing = [s for s in codegen.symbols if s not in sources]
     if missing:
-        raise NotImplementedError(f"sizes {missing} are not dimensions of any input")
+        raise UnsupportedKernelError(f"sizes {missing} are not dimensions of any input")
     symbols = [f"    {arg} = {sources[s]}" for s, arg in codegen.symbols.items()]
     out_shape = ", ".join(codegen.dim(d) for d in root.type.shape)
     return f'''def launch({", ".join(params)}):

@@ -10,6 +10,7 @@ medium one or a large one by M, so one kernel serves every token count.
 """
 from __future__ import annotations
 
+from ...errors import UnsupportedKernelError
 from ...ir.core_ops import ACTIVATIONS as IR_ACTIVATIONS
 from ...ir.graph import Node
 from .device_functions import ACTIVATIONS, mma_source
@@ -40,9 +41,9 @@ def generate(node: Node) -> GeneratedKernel:
     x, w = node.inputs[0].type, node.inputs[1].type
     steps = tuple(node.attrs.get("epilogue", ()))
     if x.dtype not in ("f32", "f16", "bf16"):
-        raise NotImplementedError(f"gemm kernels take float inputs, got x {x}")
+        raise UnsupportedKernelError(f"gemm kernels take float inputs, got x {x}")
     if steps.count("gated_silu") > 1:
-        raise NotImplementedError("gemm: more than one gated_silu step")
+        raise UnsupportedKernelError("gemm: more than one gated_silu step")
     epilogue = Epilogue(steps)
     name = "_".join(["gemm", f"k{w.shape[1]}", f"n{node.type.shape[-1]}", *steps, x.dtype])
     if w.dtype != x.dtype:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph, Input, Node
 from ...ir.types import dim_str
 
@@ -42,7 +43,7 @@ def plan_group(group: Graph, single_node_ops: tuple) -> GroupPlan:
         epilogue.insert(0, rest.pop())
     compute = rest
     if not compute:
-        raise NotImplementedError("a group of views only has nothing for a kernel to compute")
+        raise UnsupportedKernelError("a group of views only has nothing for a kernel to compute")
     _check_chain(group, compute, epilogue)
     if len(compute) == 1 and compute[0].op in single_node_ops:
         inputs = list(compute[0].inputs)
@@ -58,9 +59,9 @@ def _check_chain(group: Graph, compute: list, epilogue: list) -> None:
     chain = [compute[-1]] + epilogue
     for before, after in zip(chain, chain[1:]):
         if after.inputs[0] is not before:
-            raise NotImplementedError(f"{after.op} after the kernel does not read its result")
+            raise UnsupportedKernelError(f"{after.op} after the kernel does not read its result")
     if group.outputs[0] is not chain[-1]:
-        raise NotImplementedError("the group's output is not its last node")
+        raise UnsupportedKernelError("the group's output is not its last node")
 
 
 def run_source(group: Graph, plan: GroupPlan, params: tuple) -> str:
@@ -106,14 +107,14 @@ def _symbol_sources(group: Graph, plan: GroupPlan) -> dict:
                 sources.setdefault(str(dim), (value, axis))
     missing = wanted - set(sources)
     if missing:
-        raise NotImplementedError(f"view attributes use {sorted(missing)}, which no input dimension gives")
+        raise UnsupportedKernelError(f"view attributes use {sorted(missing)}, which no input dimension gives")
     return sources
 
 
 def _dim(value) -> str:
     text = dim_str(value) if value is not None else "None"
     if "floor" in text or "/" in text:
-        raise NotImplementedError(f"view attribute {text} has no plain Python form")
+        raise UnsupportedKernelError(f"view attribute {text} has no plain Python form")
     return text
 
 
@@ -131,4 +132,4 @@ def view_expression(node: Node, x: str) -> str:
         end = "" if a.get("end") is None else _dim(a["end"])
         step = "" if a.get("step", 1) == 1 else f":{a['step']}"
         return f"{x}[{':, ' * dim}{_dim(a.get('start', 0))}:{end}{step}]"
-    raise NotImplementedError(f"not a view op: {node.op}")
+    raise UnsupportedKernelError(f"not a view op: {node.op}")

@@ -8,6 +8,7 @@ returns the cache tensor it was given, updated (the IR op aliases its first inpu
 """
 from __future__ import annotations
 
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Node
 from ...ir.types import dim_str
 from .device_functions import ROPE
@@ -20,7 +21,7 @@ def generate(node: Node) -> GeneratedKernel:
     cache, key = node.inputs[0].type, node.inputs[1].type
     rope, layer = bool(node.attrs.get("rope", False)), int(node.attrs["layer"])
     if cache.rank != 6 or key.rank != 3:
-        raise NotImplementedError(f"kv_cache_write takes a [L,2,NB,BS,Hkv,D] cache and [T,Hkv,D] keys, got {cache}, {key}")
+        raise UnsupportedKernelError(f"kv_cache_write takes a [L,2,NB,BS,Hkv,D] cache and [T,Hkv,D] keys, got {cache}, {key}")
     parts = ["kv_cache_write", f"kv{dim_str(key.shape[1])}", f"d{dim_str(key.shape[2])}", f"layer{layer}",
              *(["rope"] if rope else []), cache.dtype]
     if key.dtype != cache.dtype:

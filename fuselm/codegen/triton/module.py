@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from ...errors import UnsupportedKernelError
+
 # IR dtype -> its spelling in generated host code (torch) and in kernels (Triton)
 TORCH_NAMES = {
     "f64": "torch.float64", "f32": "torch.float32", "f16": "torch.float16", "bf16": "torch.bfloat16",
@@ -75,7 +77,7 @@ def load_module(name: str, source: str, kernel_dir: Path) -> tuple[ModuleType, P
 
 def torch_dtype_name(dtype: str) -> str:
     if dtype not in TORCH_NAMES:
-        raise NotImplementedError(f"no Triton kernels for dtype {dtype}")
+        raise UnsupportedKernelError(f"no Triton kernels for dtype {dtype}")
     return TORCH_NAMES[dtype]
 
 

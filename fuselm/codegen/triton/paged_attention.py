@@ -16,6 +16,7 @@ With `rope=true` the queries are rotated (rotate-half, cos/sin [T, D]) as they a
 """
 from __future__ import annotations
 
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Node
 from ...ir.types import dim_str
 from .device_functions import ONLINE_SOFTMAX, ROPE, mma_source
@@ -33,7 +34,7 @@ def generate(node: Node) -> GeneratedKernel:
     query, cache = node.inputs[0].type, node.inputs[1].type
     rope, layer, scale = bool(node.attrs.get("rope", False)), int(node.attrs["layer"]), node.attrs["scale"]
     if query.dtype not in ("f32", "f16", "bf16") or cache.rank != 6:
-        raise NotImplementedError(f"paged_attention kernels take float queries and a [L,2,NB,BS,Hkv,D] cache, got {query}, {cache}")
+        raise UnsupportedKernelError(f"paged_attention kernels take float queries and a [L,2,NB,BS,Hkv,D] cache, got {query}, {cache}")
     heads, kv_heads, head_dim = query.shape[1], cache.shape[4], query.shape[2]
     parts = ["paged_attention", f"h{dim_str(heads)}", f"kv{dim_str(kv_heads)}", f"d{dim_str(head_dim)}",
              f"layer{layer}", *(["rope"] if rope else []), f"scale{number_token(scale)}", query.dtype]

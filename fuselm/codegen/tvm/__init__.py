@@ -36,6 +36,7 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph, Input, Node  # noqa: E402
 from ...ir.interpreter import concrete_attr  # noqa: E402
 from ...ir.registry import get_op  # noqa: E402
@@ -82,7 +83,7 @@ def _plan(group: Graph) -> _Plan:
     if group.constants:
         raise ValueError("a kernel group takes its weights as inputs; it holds no constants")
     if len(group.outputs) != 1:
-        raise NotImplementedError(f"a kernel group has one output, this one has {len(group.outputs)}")
+        raise UnsupportedKernelError(f"a kernel group has one output, this one has {len(group.outputs)}")
     single = {op: m for m in (gemm, norm, paged) for op in m.OPS}
     ops = [node.op for node in group.nodes]
     if len(ops) == 1 and ops[0] in single:
@@ -92,7 +93,7 @@ def _plan(group: Graph) -> _Plan:
     heavy = [node for node in group.nodes if node.op not in VIEW_OPS]
     if len(heavy) == 1 and heavy[0].op in single:
         return _with_views(group, heavy[0], single[heavy[0].op])
-    raise NotImplementedError(f"no cpu emitter for a group of {ops}")
+    raise UnsupportedKernelError(f"no cpu emitter for a group of {ops}")
 
 
 def _with_views(group: Graph, core: Node, emitter) -> _Plan:
@@ -100,7 +101,7 @@ def _with_views(group: Graph, core: Node, emitter) -> _Plan:
     at = group.nodes.index(core)
     chain = group.nodes[at:]
     if any(b.inputs[0] is not a for a, b in zip(chain, chain[1:])) or group.outputs[0] is not chain[-1]:
-        raise NotImplementedError("the views after the kernel must be a chain from its result to the output")
+        raise UnsupportedKernelError("the views after the kernel must be a chain from its result to the output")
     operands = tuple(dict.fromkeys(core.inputs))
     params = [Input(f"in{i}", v.type) for i, v in enumerate(operands)]
     inner = Node(core.op, tuple(params[operands.index(v)] for v in core.inputs), core.attrs, core.type, core.source)

@@ -20,6 +20,7 @@ import math
 
 from tvm import te, tirx
 
+from ...errors import UnsupportedKernelError
 from . import fastmath
 from .build import const, vector_lanes
 from .lowering import Lowering, broadcast_read, cast, lowers
@@ -50,7 +51,7 @@ def lower_attention(ctx: Lowering, node, args):
     Sk, Dv = ctx.dims(k_type.shape[2]), ctx.dims(node.inputs[2].type.shape[3])
     head_dim = q_type.shape[3]
     if not isinstance(head_dim, int):
-        raise NotImplementedError(f"attention needs a static head dim, got {q_type}")
+        raise UnsupportedKernelError(f"attention needs a static head dim, got {q_type}")
     scale = node.attrs.get("scale") or 1.0 / math.sqrt(head_dim)
     kv = _kv_index(q_type, k_type, node.attrs.get("gqa", False))
     name = ctx.name("attention")

@@ -17,6 +17,7 @@ import sympy
 import tvm
 from tvm import tirx
 
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph, Input
 from ...ir.types import evaluate_dim
 
@@ -101,7 +102,7 @@ class Dims:
             return functools.reduce(lambda a, b: a + b, (self._expr(a) for a in e.args))
         if e.is_Mul:
             return functools.reduce(lambda a, b: a * b, (self._expr(a) for a in e.args))
-        raise NotImplementedError(f"dimension {e} has no TIR form")
+        raise UnsupportedKernelError(f"dimension {e} has no TIR form")
 
 
 class ShapeBinder:
@@ -127,7 +128,7 @@ class ShapeBinder:
                     (solution,) = sympy.solve(sympy.Eq(dim, sympy.Symbol("_size")), symbol)
                     solve = sympy.lambdify(sympy.Symbol("_size"), solution)
                     return lambda args, i=i, axis=axis, solve=solve: int(solve(args[i].shape[axis]))
-        raise NotImplementedError(f"symbol {symbol} is not determined by any input dimension")
+        raise UnsupportedKernelError(f"symbol {symbol} is not determined by any input dimension")
 
     def values(self, args) -> tuple:
         return tuple(read(args) for read in self.readers)
@@ -192,7 +193,7 @@ def load_built(directory, name: str) -> Built:
 def single_node(group: Graph):
     """The group's only node, checked to be its output."""
     if len(group.nodes) != 1 or group.outputs != [group.nodes[0]]:
-        raise NotImplementedError(f"expected a group of one node, got {[n.op for n in group.nodes]}")
+        raise UnsupportedKernelError(f"expected a group of one node, got {[n.op for n in group.nodes]}")
     return group.nodes[0]
 
 
@@ -201,6 +202,6 @@ def operand_positions(group: Graph, node) -> list:
     positions = []
     for value in node.inputs:
         if not isinstance(value, Input) or value not in group.inputs:
-            raise NotImplementedError(f"{node.op} reads {value!r}, which is not a group input")
+            raise UnsupportedKernelError(f"{node.op} reads {value!r}, which is not a group input")
         positions.append(group.inputs.index(value))
     return positions

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from tvm import s_tir, te, tirx
 
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph
 from . import fastmath
 from .build import const, operand_positions, single_node, tir_dtype, vector_lanes
@@ -71,11 +72,11 @@ def spec_of(node) -> GemmSpec:
     x, w = node.inputs[0].type, node.inputs[1].type
     steps = tuple(node.attrs.get("epilogue", ()))
     if x.dtype != "f32" or w.dtype != "f32":
-        raise NotImplementedError(f"the cpu gemm kernel is fp32, got {x.dtype} x {w.dtype}")
+        raise UnsupportedKernelError(f"the cpu gemm kernel is fp32, got {x.dtype} x {w.dtype}")
     if steps.count("gated_silu") > 1:
-        raise NotImplementedError("more than one gated_silu in one epilogue")
+        raise UnsupportedKernelError("more than one gated_silu in one epilogue")
     if not all(isinstance(d, int) for d in w.shape):
-        raise NotImplementedError(f"gemm weight {w} must have static sizes")
+        raise UnsupportedKernelError(f"gemm weight {w} must have static sizes")
     ranks = tuple(1 if v.type.rank == 1 else 2 for v in node.inputs[2:])
     return GemmSpec(w.shape[1], w.shape[0], steps, ranks, x.dtype)
 

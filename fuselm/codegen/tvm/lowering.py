@@ -17,6 +17,7 @@ import sympy
 import torch
 from tvm import te, tirx
 
+from ...errors import UnsupportedKernelError
 from ...ir.types import TensorType, dims_equal, dtype_of as ir_dtype_of
 from . import fastmath
 from .build import Dims, const, dtype_of, tir_dtype
@@ -207,7 +208,7 @@ def _reduced_dims(node) -> list:
     rank = node.inputs[0].type.rank
     dims = node.attrs.get("dims", ())
     if not dims:  # torch reduces every dim for dims=[], the IR's type keeps the shape
-        raise NotImplementedError(f"{node.op} with dims=[] (the IR type and torch disagree on it)")
+        raise UnsupportedKernelError(f"{node.op} with dims=[] (the IR type and torch disagree on it)")
     return sorted({d % rank for d in dims})
 
 
@@ -368,7 +369,7 @@ def _slice(ctx: Lowering, node, args):
     dim = node.attrs["dim"] % x_type.rank
     start, step = node.attrs.get("start", 0), node.attrs.get("step", 1)
     if isinstance(start, int) and start < 0:  # the IR types it as if start were positive
-        raise NotImplementedError(f"slice with a negative start ({start}): its IR type is not torch's")
+        raise UnsupportedKernelError(f"slice with a negative start ({start}): its IR type is not torch's")
     begin = ctx.dims(start)
     return ctx.compute(node, lambda *i: args[0](*i[:dim], begin + i[dim] * step, *i[dim + 1:]))
 
@@ -429,7 +430,7 @@ def lower(group, dims: Dims):
     env = {v: placeholder(v.type, v.name, dims) for v in group.inputs}
     for node in group.nodes:
         if node.op not in LOWER:
-            raise NotImplementedError(f"no cpu lowering for op {node.op}")
+            raise UnsupportedKernelError(f"no cpu lowering for op {node.op}")
         env[node] = LOWER[node.op](ctx, node, [env[v] for v in node.inputs])
     placeholders = [env[v] for v in group.inputs]
     out = env[group.outputs[0]]

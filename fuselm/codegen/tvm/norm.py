@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tvm import s_tir, te, tirx
 
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph
 from .build import SERIAL_MAX, const, operand_positions, single_node, tir_dtype, vector_lanes
 
@@ -39,9 +40,9 @@ class NormSpec:
 def spec_of(node) -> NormSpec:
     x = node.inputs[0].type
     if not isinstance(x.shape[-1], int):
-        raise NotImplementedError(f"{node.op} needs a static last dimension, got {x}")
+        raise UnsupportedKernelError(f"{node.op} needs a static last dimension, got {x}")
     if x.dtype != "f32":
-        raise NotImplementedError(f"the cpu {node.op} kernel is fp32, got {x.dtype}")
+        raise UnsupportedKernelError(f"the cpu {node.op} kernel is fp32, got {x.dtype}")
     residual = bool(node.attrs.get("residual", False))
     eps = node.attrs.get("eps")
     if eps is None:  # torch's defaults: 1e-5 for layer_norm, the dtype's epsilon for rms_norm

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from tvm.script import tirx as T
 
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph
 from . import fastmath
 from .build import SERIAL_MAX, operand_positions, single_node, tir_dtype, vector_lanes
@@ -56,7 +57,7 @@ def spec_of(node) -> CacheSpec:
     _, _, _, block_size, kv_heads, head_dim = cache.shape
     sizes = (block_size, kv_heads, head_dim) + ((data.shape[1],) if node.op == "paged_attention" else ())
     if not all(isinstance(d, int) for d in sizes):
-        raise NotImplementedError(f"{node.op} needs static block size, heads and head dim: {cache}, {data}")
+        raise UnsupportedKernelError(f"{node.op} needs static block size, heads and head dim: {cache}, {data}")
     rope = bool(node.attrs.get("rope", False))
     n_index = 1 if node.op == "kv_cache_write" else 3
     first_index = 3 if node.op == "kv_cache_write" else 2
