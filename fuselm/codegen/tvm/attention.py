@@ -157,7 +157,7 @@ def tiled_supported(group) -> bool:
     from .build import operand_positions
     try:
         operand_positions(group, node)
-    except NotImplementedError:
+    except UnsupportedKernelError:  # an operand read through a view: the TE path takes it
         return False
     return True
 
