@@ -11,7 +11,8 @@ Emitters, one file per kind of group:
   gemm.py             gemm with its epilogue (bias, activations, gated_silu, residual)
   norm.py             rms_norm / layer_norm, optionally with the residual add
   attention.py        attention(q, k, v[, mask]) {causal, scale, gqa}, flash style
-  paged_attention.py  paged_attention: causal varlen prefill over a paged KV cache
+  paged_attention.py  paged_attention: causal varlen attention over a paged KV cache
+  paged_decode.py     its split-KV (FlashDecoding) kernels, which its host wrapper picks for decode
   kv_cache_write.py   kv_cache_write: scatter new keys/values into the cache in place
   elementwise.py      pointwise ops with broadcasting, views, concat, gathers, arange, rope
 

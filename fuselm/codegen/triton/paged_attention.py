@@ -13,12 +13,17 @@ cu_seqlens_q[n] // BLOCK_M + n, which bounds them by T // BLOCK_M + N without re
 the lengths on the host; each program finds its sequence by binary search over
 cu_seqlens_q. Axis 1 is the query head; head h reads kv head h // (H // Hkv).
 With `rope=true` the queries are rotated (rotate-half, cos/sin [T, D]) as they are read.
+
+Decode: when T <= N (at most one query row per sequence, empty sequences aside) the
+host wrapper launches the split-KV kernels of paged_decode.py instead, from the same
+module: the dispatch is a run-time test on the shapes, never a new compile.
 """
 from __future__ import annotations
 
 from ...errors import UnsupportedKernelError
 from ...ir.graph import Node
 from ...ir.types import dim_str
+from . import paged_decode
 from .device_functions import ONLINE_SOFTMAX, ROPE, mma_source
 from .module import GeneratedKernel, drop_omitted, number_token, optional, torch_dtype_name
 
@@ -28,6 +33,22 @@ _CONFIGS = {  # BLOCK_M = 16 when sequences average at most 2 new tokens (decode
     "half": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "f32": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
 }
+_DECODE_CONFIGS = {  # the split-KV kernel's tile is the H/Hkv heads of a group (>= 16 rows) x BLOCK_N keys
+    "half": dict(BLOCK_N=64, num_warps=4, num_stages=2),
+    "f32": dict(BLOCK_N=32, num_warps=4, num_stages=2),
+}
+
+
+GATHER_KV = '''@triton.jit
+def gather_kv(cache_head, table, keys, key_mask, offs_d, d_mask, block_size, stride_ckv, stride_cb, stride_cs, stride_cd):
+    """Keys [BLOCK_D, BLOCK_N] (transposed) and values [BLOCK_N, BLOCK_D] of context positions
+    `keys` of one kv head, found through the sequence's block table (any block size)."""
+    block = tl.load(table + keys // block_size, mask=key_mask, other=0).to(tl.int64)
+    slots = block * stride_cb + (keys % block_size) * stride_cs
+    k = tl.load(cache_head + slots[None, :] + offs_d[:, None] * stride_cd, mask=key_mask[None, :] & d_mask[:, None], other=0.0)
+    v = tl.load(cache_head + stride_ckv + slots[:, None] + offs_d[None, :] * stride_cd, mask=key_mask[:, None] & d_mask[None, :], other=0.0)
+    return k, v
+'''
 
 
 def generate(node: Node) -> GeneratedKernel:
@@ -42,10 +63,13 @@ def generate(node: Node) -> GeneratedKernel:
         parts.append(f"cache{cache.dtype}")
     name = "_".join(parts)
     params = ("query", "kv_cache", "block_tables", "context_lens", "cu_seqlens_q", *(("cos", "sin") if rope else ()))
-    helpers = [mma_source(query.dtype), ONLINE_SOFTMAX] + ([ROPE] if rope else [])
-    config = _CONFIGS["f32" if query.dtype == "f32" else "half"]
-    body = "\n\n".join(helpers + [_kernel(name, rope, cache.dtype != query.dtype),
-                                  _launch(name, params, rope, layer, scale, config, torch_dtype_name(node.type.dtype))])
+    helpers = [mma_source(query.dtype), ONLINE_SOFTMAX, GATHER_KV] + ([ROPE] if rope else [])
+    kind = "f32" if query.dtype == "f32" else "half"
+    cast_kv = cache.dtype != query.dtype
+    body = "\n\n".join(helpers + [
+        _kernel(name, rope, cast_kv), paged_decode.split_kernel(name, rope, cast_kv), paged_decode.merge_kernel(name),
+        _launch(name, params, rope, layer, scale, _CONFIGS[kind], torch_dtype_name(node.type.dtype)),
+        paged_decode.host(name, _DECODE_CONFIGS[kind])])
     summary = (f"causal varlen attention of {heads} query heads to {kv_heads} kv heads of {head_dim} in cache layer "
                f"{layer}{', rope on the queries' if rope else ''}, {query.dtype}")
     return GeneratedKernel(name, summary, drop_omitted(body), params)
@@ -112,10 +136,7 @@ def {name}_kernel(
     for start_n in range(0, hi_n, BLOCK_N):
         keys = start_n + offs_n
         key_mask = keys < context_len
-        block = tl.load(table + keys // block_size, mask=key_mask, other=0).to(tl.int64)
-        slots = block * stride_cb + (keys % block_size) * stride_cs
-        k = tl.load(cache_head + slots[None, :] + offs_d[:, None] * stride_cd, mask=key_mask[None, :] & d_mask[:, None], other=0.0)
-        v = tl.load(cache_head + stride_ckv + slots[:, None] + offs_d[None, :] * stride_cd, mask=key_mask[:, None] & d_mask[None, :], other=0.0)
+        k, v = gather_kv(cache_head, table, keys, key_mask, offs_d, d_mask, block_size, stride_ckv, stride_cb, stride_cs, stride_cd)
         {optional(cast_kv, "k = k.to(q.dtype)")}
         {optional(cast_kv, "v = v.to(q.dtype)")}
         scores = mma(q, k, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST) * qk_scale
@@ -134,10 +155,12 @@ def _launch(name: str, params: tuple, rope: bool, layer: int, scale: float, conf
     return f'''LAYER = {layer}
 SCALE = {scale!r}
 CONFIG = {config}
+SPLIT_KV_DECODE = True  # False sends decode batches to the prefill kernel too (benchmarks compare)
 
 
 def launch({", ".join(params)}):
-    """Checks, allocates out[T, H, D] (zeros: rows outside every sequence stay 0), launches."""
+    """Checks, allocates out[T, H, D] (zeros: rows outside every sequence stay 0), launches
+    the split-KV decode kernels when T <= N, else the prefill kernel."""
     T, H, D = query.shape
     L, _, NB, BS, HKV, _ = kv_cache.shape
     N = context_lens.shape[0]
@@ -150,6 +173,8 @@ def launch({", ".join(params)}):
     if T == 0 or N == 0:
         return out
     cache = kv_cache[LAYER]  # torch computes the layer's offset (no int32 overflow in the kernel)
+    if SPLIT_KV_DECODE and T <= N:  # one query row per sequence: decode
+        return launch_decode(query, cache, block_tables, context_lens, cu_seqlens_q, cos, sin, out, ({rope_strides}))
     cfg = dict(CONFIG, BLOCK_M=16) if T <= 2 * N else CONFIG
     grid = (T // cfg["BLOCK_M"] + N, H)
     {name}_kernel[grid](
