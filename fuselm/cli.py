@@ -1,4 +1,8 @@
-"""The `fuselm` command line: `models` and `ir` (more commands as they work)."""
+"""The `fuselm` command line: `generate`, `chat`, `models` and `ir`.
+
+    fuselm generate "What is the capital of France?"     # SmolLM2 on the best target
+    fuselm chat --model PATH --target cpu                # an interactive conversation
+"""
 from __future__ import annotations
 
 import argparse
@@ -46,9 +50,86 @@ def cmd_ir(args) -> int:
     return 0
 
 
+def make_llm(args):
+    from .llm import LLM
+
+    print(f"fuselm: loading {args.model} and compiling it (kernels are cached after the first run)",
+          file=sys.stderr)
+    return LLM(args.model, target=args.target, max_model_len=args.max_model_len)
+
+
+def sampling_params(args):
+    from .sampling_params import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          max_tokens=args.max_tokens)
+
+
+def stream_reply(llm, prompt, params) -> str:
+    """Print the reply as it is generated; then its speed on stderr."""
+    started = time.perf_counter()
+    for piece in llm.stream(prompt, params):
+        print(piece, end="", flush=True)
+    print()
+    output = llm.last_output
+    elapsed = time.perf_counter() - started
+    print(f"fuselm: {len(output.token_ids)} tokens in {elapsed:.2f} s, {len(output.token_ids) / elapsed:.1f} tokens/s "
+          f"({output.finish_reason}, target {llm.target})", file=sys.stderr)
+    if output.error:
+        print(f"fuselm: error: {output.error}", file=sys.stderr)
+    return output.text
+
+
+def cmd_generate(args) -> int:
+    llm = make_llm(args)
+    params = sampling_params(args)
+    has_template = llm.tokenizer.chat_template is not None
+    prompt = args.prompt if args.raw or not has_template else llm.chat_prompt([{"role": "user", "content": args.prompt}])
+    stream_reply(llm, prompt, params)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = make_llm(args)
+    params = sampling_params(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("fuselm: chat with the model; an empty line or Ctrl-D ends it", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        messages.append({"role": "assistant", "content": stream_reply(llm, llm.chat_prompt(messages), params)})
+    return 0
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="a named model or a local path (default smollm2-135m)")
+    parser.add_argument("--target", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the kernels run (auto: cuda when a GPU is visible)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per reply")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + reply)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuselm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    generate = sub.add_parser("generate", help="answer one prompt, streaming the tokens")
+    generate.add_argument("prompt")
+    generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    add_generation_options(generate)
+    generate.set_defaults(run=cmd_generate)
+    chat = sub.add_parser("chat", help="an interactive conversation through the chat template")
+    chat.add_argument("--system", help="a system message")
+    add_generation_options(chat)
+    chat.set_defaults(run=cmd_chat)
     models = sub.add_parser("models", help="list the named models, or fetch one")
     models.add_argument("--fetch", metavar="NAME", help="download a named model into the cache")
     models.set_defaults(run=cmd_models)

@@ -5,15 +5,23 @@ constants, and handed to kernels as they are) or earlier results. A cache op get
 layer's `[1, ...]` view of the cache and writes it in place; its result is the whole
 cache again, so the graph output that is the final cache is the caller's own buffer.
 A value is dropped after its last reader, so peak memory follows liveness.
+
+Binding symbols to sizes (and the view attributes that depend on them) costs sympy
+work, so it is done once per distinct input signature (shapes and dtypes) and reused:
+decode steps of the same batch shape pay nothing for it.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from ..ir.graph import Constant, Graph
 from ..ir.interpreter import bind_symbols, concrete_attr
 from ..ir.registry import get_op
 from ..passes.partition import KernelGroup, ViewStep
+
+MAX_PLANS = 256  # input signatures remembered (decode grows the block table width slowly)
 
 
 class Executor:
@@ -22,6 +30,7 @@ class Executor:
         self.steps = steps
         self.calls = [kernel_for(step) if isinstance(step, KernelGroup) else None for step in steps]
         self.last_use = self._last_uses()
+        self._plans: dict = {}  # input signature -> concrete attrs of each view step
 
     def _last_uses(self) -> dict:
         last: dict = {}
@@ -32,8 +41,20 @@ class Executor:
             last[value] = len(self.steps)
         return last
 
+    def _view_attrs(self, args) -> list:
+        signature = tuple((a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a) for a in args)
+        plan = self._plans.get(signature)
+        if plan is None:
+            bindings = bind_symbols(self.graph.inputs, args)
+            plan = [{k: concrete_attr(v, bindings) for k, v in step.node.attrs.items()}
+                    if isinstance(step, ViewStep) else None for step in self.steps]
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[signature] = plan
+        return plan
+
     def __call__(self, *args):
-        bindings = bind_symbols(self.graph.inputs, args)
+        view_attrs = self._view_attrs(args)
         env = dict(zip(self.graph.inputs, args))
 
         def read(value):
@@ -42,8 +63,7 @@ class Executor:
         for index, (step, call) in enumerate(zip(self.steps, self.calls)):
             if isinstance(step, ViewStep):
                 node = step.node
-                attrs = {k: concrete_attr(v, bindings) for k, v in node.attrs.items()}
-                env[node] = get_op(node.op).reference(read(node.inputs[0]), **attrs)
+                env[node] = get_op(node.op).reference(read(node.inputs[0]), **view_attrs[index])
             else:
                 env[step.result] = self._run_kernel(step, call, [read(v) for v in step.args])
             for value in _reads(step):

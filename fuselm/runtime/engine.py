@@ -1,0 +1,323 @@
+"""The engine core: `add_request`, `step`, `abort`; `fuselm.LLM` is built on it.
+
+    engine = LLMEngine(loaded_model, target="cpu", max_model_len=512)
+    request_id = engine.add_request("Hello", SamplingParams(max_tokens=8))
+    while engine.has_unfinished():
+        for output in engine.step(): ...
+
+A step is: schedule (scheduler.py) -> one forward pass over the packed batch
+(model_runner.py) -> note which tokens are now in the KV cache -> sample the requests
+whose last token was computed (sampler.py) -> detokenize and check stop conditions
+(detokenizer.py) -> free the blocks of finished requests.
+
+Validation happens in `add_request`: a bad request raises ValueError there and nothing
+of it is queued. A request that fails while running (its sampling or detokenizing
+raises, or a forward pass that fails for it alone) ends with finish_reason "error"
+and the message; the others go on.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..sampling_params import SamplingParams
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import KVCacheManager, free_memory_budget, kv_bytes_per_token, num_blocks_for_budget
+from .model_runner import ModelRunner
+from .request import Request, RequestOutput, RequestStatus
+from .sampler import Sampler, SamplingState
+from .scheduler import ScheduledRequest, Scheduler, SchedulerConfig
+
+CUDA_MEMORY_FRACTION = 0.9  # of the free GPU memory after compiling, for the KV cache
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    preemptions: int = 0
+    batched_tokens: int = 0
+    kv_utilization: list = field(default_factory=list)  # per step: tokens stored / slots held
+
+    @property
+    def mean_kv_utilization(self) -> float:
+        return sum(self.kv_utilization) / max(len(self.kv_utilization), 1)
+
+
+class LLMEngine:
+    def __init__(self, loaded, target: str = "cpu", *, max_model_len: Optional[int] = None,
+                 max_num_seqs: int = 16, max_num_batched_tokens: Optional[int] = None,
+                 kv_cache_bytes: Optional[int] = None, block_size: int = 16,
+                 enable_prefix_caching: bool = True, cache_dir: Optional[str] = None, forward=None):
+        if loaded.tokenizer is None:
+            raise ValueError(f"{loaded.source} has no tokenizer; the engine needs one")
+        self.config, self.tokenizer, self.target = loaded.config, loaded.tokenizer, target
+        self.max_model_len = _check_max_model_len(max_model_len, self.config)
+        _check_positive(max_num_seqs=max_num_seqs, block_size=block_size)
+        dtype = next(loaded.model.parameters()).dtype
+        device = "cuda" if target == "cuda" else "cpu"
+        forward = forward or compile_lm(loaded, target, block_size, dtype, cache_dir)
+        num_blocks = self._num_blocks(kv_cache_bytes, max_num_seqs, block_size, dtype, device)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.runner = ModelRunner(forward, self.config, self.kv, device, dtype)
+        budget = max_num_batched_tokens or max(2048, max_num_seqs)
+        _check_positive(max_num_batched_tokens=budget)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, budget, self.max_model_len), self.kv)
+        self.sampler = Sampler()
+        self.requests: dict = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._pending: list = []  # outputs of aborted requests, returned by the next step
+
+    def _num_blocks(self, kv_cache_bytes, max_num_seqs, block_size, dtype, device) -> int:
+        """cpu: room for max_num_seqs full contexts; cuda: a fraction of free memory."""
+        if kv_cache_bytes is None:
+            if device == "cuda":
+                kv_cache_bytes = free_memory_budget(CUDA_MEMORY_FRACTION, device)
+            else:
+                blocks_per_seq = -(-self.max_model_len // block_size)
+                kv_cache_bytes = max_num_seqs * blocks_per_seq * block_size * kv_bytes_per_token(self.config, dtype)
+        num_blocks = num_blocks_for_budget(kv_cache_bytes, self.config, block_size, dtype)
+        if num_blocks * block_size < self.max_model_len:
+            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} holds {num_blocks * block_size} tokens, "
+                             f"fewer than max_model_len={self.max_model_len}: raise it or lower max_model_len")
+        return num_blocks
+
+    # -- requests -------------------------------------------------------------------
+
+    def add_request(self, prompt: Union[str, Sequence[int]], params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Validate and queue a request; returns its id. Raises ValueError, queuing nothing."""
+        return self.enqueue(self.make_request(prompt, params, request_id))
+
+    def enqueue(self, request: Request) -> str:
+        """Queue a request made (and so validated) by `make_request`."""
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+        return request.request_id
+
+    def make_request(self, prompt, params: Optional[SamplingParams], request_id: Optional[str]) -> Request:
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self.tokenize(prompt)
+        max_tokens = self.check_length(len(token_ids), params)
+        sampling = SamplingState.create(params, token_ids, self.tokenizer.eos_token_ids)
+        return Request(request_id, text, list(token_ids), params, sampling,
+                       self.new_detokenizer(token_ids, params), max_tokens,
+                       output_token_ids=sampling.output_token_ids)
+
+    def new_detokenizer(self, prompt_token_ids, params: SamplingParams) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop or (), include_stop_str_in_output=params.include_stop_str_in_output)
+
+    def tokenize(self, prompt) -> tuple:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        token_ids = list(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty (no token ids)")
+        vocab = self.config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
+        return None, token_ids
+
+    def check_length(self, prompt_len: int, params: SamplingParams) -> int:
+        """The request's max_tokens, after checking prompt and output fit the context."""
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise ValueError(f"prompt is too long: {prompt_len} tokens, and max_model_len={self.max_model_len} "
+                             "leaves no room for a generated token")
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len={self.max_model_len}")
+        return params.max_tokens
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.get(str(request_id))
+        if request is None or request.finished:
+            return
+        request.finish("abort")
+        self.scheduler.finish(request)
+        self._pending.append(self._retire(request, request.detokenizer.flush()))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # -- one iteration --------------------------------------------------------------
+
+    def step(self) -> list:
+        """Run one scheduled batch; returns a RequestOutput per request that progressed."""
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        self.stats.preemptions += len(batch.preempted)
+        if not batch.scheduled:
+            return outputs
+        logits = self._forward(batch)
+        self.stats.steps += 1
+        self.stats.batched_tokens += batch.num_tokens
+        completing = []
+        for row, item in enumerate(batch.scheduled):
+            request = item.request
+            if request.finished:  # its forward pass failed (see _forward)
+                outputs.append(self._retire(request, request.detokenizer.flush()))
+                continue
+            request.num_computed = item.start + item.num_new
+            self.kv.mark_computed(request.request_id, request.all_token_ids, request.num_computed)
+            if item.completes:
+                completing.append((row, request))
+        self._record_utilization()
+        outputs += self._sample_and_advance(logits, completing)
+        return outputs
+
+    def _forward(self, batch) -> torch.Tensor:
+        """The batch's logits. If the forward pass fails, each request is run alone, so
+        only the ones that fail by themselves end with an error (their rows are NaN)."""
+        try:
+            return self.runner.execute(batch.scheduled, batch.block_copies)
+        except Exception as err:  # noqa: BLE001 - isolated below, per request
+            if len(batch.scheduled) == 1:
+                self._fail_forward(batch.scheduled[0].request, err)
+                return torch.full((1, self.config.vocab_size), float("nan"))
+        rows = []
+        for item in batch.scheduled:
+            try:
+                rows.append(self.runner.execute([item], [])[0])
+            except Exception as err:  # noqa: BLE001 - the request ends with the message
+                self._fail_forward(item.request, err)
+                rows.append(torch.full((self.config.vocab_size,), float("nan")))
+        return torch.stack([row.to(rows[0].device) for row in rows])
+
+    def _fail_forward(self, request: Request, err: Exception) -> None:
+        request.finish("error", error=f"forward pass failed: {type(err).__name__}: {err}")
+        self.scheduler.finish(request)
+
+    def _sample_and_advance(self, logits: torch.Tensor, completing: list) -> list:
+        if not completing:
+            return []
+        rows = torch.tensor([row for row, _ in completing], device=logits.device)
+        requests = [request for _, request in completing]
+        try:
+            sampled = self.sampler(logits[rows], [r.sampling for r in requests])
+        except Exception:  # noqa: BLE001 - sample one by one to find the failing request
+            return [self._advance_alone(logits[row], request) for row, request in completing]
+        outputs = []
+        for request, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs):
+            outputs.append(self._advance(request, token, logprobs))
+        return outputs
+
+    def _advance_alone(self, logits_row: torch.Tensor, request: Request) -> RequestOutput:
+        try:
+            sampled = self.sampler(logits_row[None], [request.sampling])
+        except Exception as err:  # noqa: BLE001 - the request ends with the message
+            return self._fail(request, f"sampling failed: {err!r}")
+        return self._advance(request, sampled.token_ids[0], sampled.logprobs[0])
+
+    def _advance(self, request: Request, token: int, logprobs) -> RequestOutput:
+        """Append a sampled token, then finish the request if a stop condition holds."""
+        try:
+            request.append_token(token, logprobs)
+            stop_string = request.detokenizer.add_token(token)
+            self._check_stop(request, token, stop_string)
+            piece = request.detokenizer.stream_piece()
+        except Exception as err:  # noqa: BLE001 - the request ends with the message
+            return self._fail(request, f"{type(err).__name__}: {err}")
+        if request.finished:
+            self.scheduler.finish(request)
+            return self._retire(request, piece + request.detokenizer.flush())
+        return request.output(piece)
+
+    def _check_stop(self, request: Request, token: int, stop_string: Optional[str]) -> None:
+        params = request.params
+        if token in params.stop_token_ids:
+            request.finish("stop", stop_reason=token)
+        elif not params.ignore_eos and token in self.tokenizer.eos_token_ids:
+            request.finish("stop")
+        elif stop_string is not None:
+            request.finish("stop", stop_reason=stop_string)
+            self._trim_to_text(request)
+        elif len(request.output_token_ids) >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            request.finish("length")
+
+    def _trim_to_text(self, request: Request) -> None:
+        """After a stop string, keep only the tokens whose text precedes its cut, and roll
+        the KV cache back to them, so token_ids, text and the cached prefix agree."""
+        cut = len(request.detokenizer.text)
+        keep = len(request.output_token_ids)
+        skip = request.params.skip_special_tokens
+        while keep > 0 and len(self.tokenizer.decode(request.output_token_ids[:keep], skip_special_tokens=skip)) > cut:
+            keep -= 1
+        self.truncate(request, len(request.prompt_token_ids) + keep)
+
+    def truncate(self, request: Request, num_tokens: int) -> None:
+        """Roll a request back to its first `num_tokens` tokens (prompt included): output
+        tokens, logprobs and cached K/V past that point are dropped."""
+        keep = num_tokens - len(request.prompt_token_ids)
+        if keep < 0:
+            raise ValueError(f"cannot truncate into the prompt ({len(request.prompt_token_ids)} tokens)")
+        del request.output_token_ids[keep:]
+        del request.logprobs[keep:]
+        request.num_computed = min(request.num_computed, num_tokens)
+        if self.kv.has(request.request_id):
+            self.kv.truncate(request.request_id, request.num_computed)
+        if not request.finished:  # it goes on: its text restarts from the kept tokens
+            request.detokenizer = self.new_detokenizer(request.prompt_token_ids, request.params)
+            for token in request.output_token_ids:
+                request.detokenizer.add_token(token)
+
+    def _fail(self, request: Request, message: str) -> RequestOutput:
+        request.finish("error", error=message)
+        self.scheduler.finish(request)
+        return self._retire(request, "")
+
+    def _retire(self, request: Request, piece: str) -> RequestOutput:
+        self.requests.pop(request.request_id, None)
+        return request.output(piece)
+
+    def _record_utilization(self) -> None:
+        held = self.kv.num_used_blocks * self.kv.block_size
+        stored = sum(r.num_computed for r in self.scheduler.running)
+        if held:
+            self.stats.kv_utilization.append(min(stored / held, 1.0))
+
+
+def compile_lm(loaded, target: str, block_size: int, dtype: torch.dtype, cache_dir: Optional[str]):
+    """The model compiled for `target` in the LM contract, with symbolic batch sizes."""
+    from ..api import compile
+    from ..models.contract import capture_example
+
+    example, dynamic = capture_example(loaded.config, block_size=block_size, dtype=dtype)
+    device = "cuda" if target == "cuda" else "cpu"
+    model = loaded.model.to(device)
+    example = tuple(t.to(device) for t in example)
+    return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir)
+
+
+def _check_max_model_len(max_model_len: Optional[int], config) -> int:
+    limit = getattr(config, "max_position_embeddings", None) or 2048
+    if max_model_len is None:
+        return min(limit, 2048)
+    _check_positive(max_model_len=max_model_len)
+    if max_model_len > limit:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's {limit} positions")
+    return max_model_len
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+__all__ = ["LLMEngine", "EngineStats", "RequestOutput", "RequestStatus", "ScheduledRequest"]

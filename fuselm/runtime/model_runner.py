@@ -1,0 +1,68 @@
+"""Turns a scheduled batch into the LM forward contract and runs the compiled model.
+
+The runner owns the paged KV cache tensor `[L, 2, NB, BS, Hkv, D]`; the compiled
+model's `kv_cache_write` kernels fill it in place. For each scheduled request the
+batch holds the tokens at positions `start .. start + num_new - 1`, packed back to back
+(no padding); their slots come from the request's block table, and the one logits
+row per request is its last new token (only the rows of requests that complete are
+sampled; a partial prefill chunk's row is computed and dropped, which keeps the
+lm_head's row count equal to the sequence count).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..models.contract import LMInputs, make_kv_cache
+from .kv_cache import KVCacheManager
+
+
+class ModelRunner:
+    def __init__(self, forward: Callable, config, kv: KVCacheManager, device, dtype: torch.dtype):
+        self.forward = forward
+        self.kv = kv
+        self.device = torch.device(device)
+        self.kv_cache = make_kv_cache(config, kv.num_blocks, kv.block_size, dtype).to(self.device)
+
+    def execute(self, scheduled: list, block_copies: list) -> torch.Tensor:
+        """fp32 logits `[len(scheduled), vocab]`, row i for scheduled[i]'s last new token."""
+        self.copy_blocks(block_copies)
+        inputs = self.prepare_inputs(scheduled)
+        out = self.forward(*inputs.as_tuple())
+        logits = out[0] if isinstance(out, tuple) else out
+        return logits.float()
+
+    def copy_blocks(self, block_copies: list) -> None:
+        """Copy-on-write: a shared block is copied before a request writes into it."""
+        if block_copies:
+            src = torch.tensor([s for s, _ in block_copies], device=self.device)
+            dst = torch.tensor([d for _, d in block_copies], device=self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def prepare_inputs(self, scheduled: list) -> LMInputs:
+        input_ids, positions, slots, tables, context_lens, cu_seqlens = [], [], [], [], [], [0]
+        for item in scheduled:
+            request, start, end = item.request, item.start, item.start + item.num_new
+            input_ids += request.all_token_ids[start:end]
+            positions += range(start, end)
+            slots += self.kv.slots(request.request_id, start, end)
+            tables.append(self.kv.block_table(request.request_id))
+            context_lens.append(end)
+            cu_seqlens.append(cu_seqlens[-1] + item.num_new)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        return LMInputs(
+            input_ids=tensor(input_ids, torch.int64),
+            positions=tensor(positions, torch.int64),
+            kv_cache=self.kv_cache,
+            slot_mapping=tensor(slots, torch.int64),
+            block_tables=tensor(padded, torch.int32),
+            context_lens=tensor(context_lens, torch.int32),
+            cu_seqlens_q=tensor(cu_seqlens, torch.int32),
+            logits_indices=tensor([c - 1 for c in cu_seqlens[1:]], torch.int64),
+        )
