@@ -31,7 +31,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         dim = config.dim_per_head
-        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        # on cpu explicitly: loaders build the model on the meta device, then assign weights
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
         self.register_buffer("inv_freq", 1.0 / config.rope_theta**exponents, persistent=False)
 
     def _apply(self, fn, recurse=True):

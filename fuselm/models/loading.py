@@ -75,6 +75,41 @@ def model_class(model_type: str) -> type:
 def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
     cls = model_class(config.model_type)
     convert = importlib.import_module(cls.__module__).hf_to_fuselm_state_dict
-    model = cls(config)
-    model.load_state_dict(convert(state_dict), strict=True)
-    return model.to(dtype).eval().requires_grad_(False)
+    with torch.device("meta"):  # no memory for the random init the checkpoint overwrites
+        model = cls(config)
+    converted = convert(state_dict)
+    state_dict.clear()  # the checkpoint's tensors become the model's: held once
+    weights = {}
+    for name in list(converted):
+        weights[name] = kernel_ready(converted.pop(name).to(dtype))
+    model.load_state_dict(weights, strict=True, assign=True)
+    retie_shared_parameters(model)
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta:
+            raise ValueError(f"{name} is not in the checkpoint and has no value")
+    return model.eval().requires_grad_(False)
+
+
+def retie_shared_parameters(model: torch.nn.Module) -> None:
+    """Assigning a state dict unties tied weights (lm_head and the embedding become two
+    Parameters over one storage); make them one Parameter again, as the model built them."""
+    seen: dict = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            key = (param.data_ptr(), tuple(param.shape), param.stride(), param.dtype)
+            if key in seen and seen[key] is not param:
+                setattr(module, name, seen[key])
+            else:
+                seen.setdefault(key, param)
+
+
+KERNEL_ALIGNMENT = 64  # bytes: the cpu kernels use aligned vector loads (torch allocates so)
+
+
+def kernel_ready(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself if contiguous, owned by torch's layout rules and 64-byte aligned;
+    else an aligned copy. numpy buffers (GGUF dequantization) and mmapped safetensors
+    are only 16- or 8-byte aligned, which the kernels' aligned loads would fault on."""
+    if tensor.is_contiguous() and tensor.data_ptr() % KERNEL_ALIGNMENT == 0:
+        return tensor
+    return tensor.contiguous().clone()

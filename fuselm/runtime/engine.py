@@ -294,14 +294,18 @@ class LLMEngine:
 
 def compile_lm(loaded, target: str, block_size: int, dtype: torch.dtype, cache_dir: Optional[str]):
     """The model compiled for `target` in the LM contract, with symbolic batch sizes."""
+    import contextlib
+
     from ..api import compile
+    from ..frontend.without_triton import without_triton
     from ..models.contract import capture_example
 
     example, dynamic = capture_example(loaded.config, block_size=block_size, dtype=dtype)
     device = "cuda" if target == "cuda" else "cpu"
     model = loaded.model.to(device)
     example = tuple(t.to(device) for t in example)
-    return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir)
+    with without_triton() if target == "cpu" else contextlib.nullcontext():
+        return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir)
 
 
 def _check_max_model_len(max_model_len: Optional[int], config) -> int:
