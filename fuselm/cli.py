@@ -55,7 +55,7 @@ def make_llm(args):
 
     print(f"fuselm: loading {args.model} and compiling it (kernels are cached after the first run)",
           file=sys.stderr)
-    return LLM(args.model, target=args.target, max_model_len=args.max_model_len)
+    return LLM(args.model, target=args.target, max_model_len=args.max_model_len, max_num_seqs=1)
 
 
 def sampling_params(args):
@@ -81,8 +81,8 @@ def stream_reply(llm, prompt, params) -> str:
 
 
 def cmd_generate(args) -> int:
+    params = sampling_params(args)  # bad values fail before the model loads
     llm = make_llm(args)
-    params = sampling_params(args)
     has_template = llm.tokenizer.chat_template is not None
     prompt = args.prompt if args.raw or not has_template else llm.chat_prompt([{"role": "user", "content": args.prompt}])
     stream_reply(llm, prompt, params)
@@ -90,8 +90,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    llm = make_llm(args)
     params = sampling_params(args)
+    llm = make_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("fuselm: chat with the model; an empty line or Ctrl-D ends it", file=sys.stderr)
     while True:

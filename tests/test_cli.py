@@ -26,3 +26,17 @@ def test_ir_prints_the_fused_smollm2_graph(capsys, smollm2, tmp_path):
     assert "460 nodes" in captured.err
     dumped = sorted(p.name for p in tmp_path.iterdir())
     assert dumped[0] == "00_captured.ir" and (tmp_path / dumped[-1]).read_text() == text
+
+
+@pytest.mark.slow
+def test_generate_answers_the_readme_question(capsys, smollm2):
+    assert main(["generate", "What is the capital of France?", "--target", "cpu", "--max-tokens", "24",
+                 "--max-model-len", "256"]) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out
+    assert "tokens/s" in captured.err and "(stop, target cpu)" in captured.err
+
+
+def test_generate_rejects_a_bad_sampling_value(capsys):
+    assert main(["generate", "hi", "--top-p", "1.5"]) == 2
+    assert "top_p must be in (0, 1], got 1.5" in capsys.readouterr().err

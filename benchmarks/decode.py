@@ -1,0 +1,441 @@
+"""Decode benchmark: fuselm serving a language model against its peers, measured in one run.
+
+    python benchmarks/decode.py [--quick]                          # cpu, SmolLM2-135M
+    python benchmarks/decode.py --target cuda [--shape tinyllama]  # GPU, random weights
+
+cpu (SmolLM2-135M-Instruct, real weights from the Q4_1 GGUF, greedy, 128 new tokens per
+request whatever the model says: `ignore_eos` / `min_new_tokens`):
+- batch 1, one ~16-token prompt: decode tok/s after the first token (the prefill is
+  timed apart: time to first token), for fuselm fp32, Hugging Face transformers eager
+  fp32 (`generate`) and llama.cpp (llama-cpp-python on the same GGUF, 2 threads).
+- 16 different prompts: generated tokens / wall time, prefill included; fuselm serves
+  them concurrently, transformers as one left-padded batch, llama.cpp one at a time.
+- fuselm's KV-cache utilization with 16 requests of 128 prompt + 128 new tokens
+  (`engine.stats.mean_kv_utilization`), and the serving process's peak resident memory.
+
+fuselm runs first, alone, in a subprocess of this script (`--serve-only`, which prints
+its results as JSON), so `ru_maxrss` counts fuselm and nothing else (and shows whether
+triton was imported: on cpu it must not be). Its prompts' token ids go on to the peers,
+so every system decodes the same tokens. Prefix caching is off: the warm-up must not
+serve the timed prompts from the cache.
+
+cuda: a random-weight Llama of SmolLM2's shape (or TinyLlama-1.1B's, `--shape tinyllama`)
+in bf16, batch 1 and 32 concurrent requests; the peers are the torch rows of
+shared/tools/gpu_anchor.py (a gpt-fast-style static-cache model, eager and
+torch.compile; SECTIONS=ceilings,llama), run as a subprocess after fuselm when the
+script is found (.anchor/gpu_anchor.py in the checkout, or shared/tools/). The anchor
+measures the TinyLlama shape only: ratios are printed for `--shape tinyllama`.
+
+Ratios are fuselm tok/s / peer tok/s (> 1 means fuselm is faster). Speed is never
+asserted in tests: this script is where it is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+# torch's OpenMP workers otherwise spin for 200 ms after each torch op and take the
+# cores from TVM's thread pool when both run in one process (set before torch loads;
+# the fuselm subprocess inherits it).
+os.environ.setdefault("KMP_BLOCKTIME", "0")
+os.environ["HF_HUB_OFFLINE"] = "1"
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULT_TAG = "FUSELM_DECODE_RESULT "
+BLOCK_SIZE = 16
+PROMPTS = [
+    "The history of the printing press begins in the fifteenth century, when",
+    "Here is a short recipe for a simple tomato soup that anyone can cook:",
+    "In a small village by the sea, an old fisherman told the children",
+    "The three laws of motion formulated by Isaac Newton describe how",
+    "To write a good cover letter for a job application, you should",
+    "The main differences between a virus and a bacterium are that",
+    "Once upon a time, in a kingdom far away, there lived a young princess",
+    "Photosynthesis is the process by which green plants turn sunlight into",
+    "The best way to learn a new programming language is to start by",
+    "During the Second World War, the city of London was bombed for",
+    "A healthy breakfast should contain protein, fibre and a little fat, because",
+    "The solar system has eight planets; the largest of them is Jupiter, which",
+    "When you plant tomatoes in the spring, remember to water them every",
+    "The French Revolution changed the political landscape of Europe by",
+    "My favourite book is a novel about a detective who solves crimes in",
+    "Machine learning models learn patterns from data by adjusting their",
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    target: str
+    shape: str          # cuda: the random model's shape
+    requests: int       # concurrent requests
+    new_tokens: int     # per request
+    util_prompt: int    # prompt tokens per request of the KV-utilization run
+    util_new: int
+
+    @classmethod
+    def from_args(cls, args) -> "Settings":
+        requests = 32 if args.target == "cuda" else 16
+        if args.quick:
+            return cls(args.target, args.shape, requests, new_tokens=16, util_prompt=32, util_new=16)
+        return cls(args.target, args.shape, requests, new_tokens=128, util_prompt=128, util_new=128)
+
+    @property
+    def max_model_len(self) -> int:
+        longest = max(32, self.util_prompt) + max(self.new_tokens, self.util_new)
+        return -(-longest // BLOCK_SIZE) * BLOCK_SIZE
+
+
+def greedy(new_tokens: int):
+    from fuselm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+
+
+# ------------------------------------------------------------------- fuselm (subprocess)
+def random_shapes() -> dict:
+    from fuselm.models.config import LlamaConfig
+
+    return {
+        "smollm2": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                               rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True),
+        "tinyllama": LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                 num_attention_heads=32, num_key_value_heads=4, rms_norm_eps=1e-5),
+    }
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer for random weights: token i is the word `t<i>` (no gguf file needed)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    from fuselm.models import Tokenizer
+
+    backend = Backend(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return Tokenizer(backend, special_tokens={"eos_token": "t2"})
+
+
+def build_llm(settings: Settings):
+    """SmolLM2 with real weights (cpu), or a random-weight model in bf16 (cuda)."""
+    from fuselm import LLM
+
+    options = dict(max_model_len=settings.max_model_len, max_num_seqs=settings.requests,
+                   block_size=BLOCK_SIZE, enable_prefix_caching=False)
+    if settings.target == "cpu":
+        return LLM("smollm2-135m", target="cpu", kv_cache_bytes=None, **options)
+    return random_llm(random_shapes()[settings.shape], settings.target, **options)
+
+
+def random_llm(config, target: str, dtype: torch.dtype = torch.bfloat16, **options):
+    from fuselm import LLM
+    from fuselm.models.llama import LlamaForCausalLM
+    from fuselm.models.loading import LoadedModel
+    from fuselm.runtime.engine import LLMEngine
+    from fuselm.runtime.kv_cache import kv_bytes_per_token
+
+    torch.manual_seed(0)
+    with torch.device("cuda" if target == "cuda" else "cpu"):  # initialize 1.1B weights on the GPU
+        model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
+    loaded = LoadedModel(model, word_tokenizer(config.vocab_size), config, Path("random-weights"))
+    # room for every request's full context, as on cpu (not 90% of the GPU's memory)
+    kv_cache_bytes = options["max_num_seqs"] * options["max_model_len"] * kv_bytes_per_token(config, dtype)
+    return LLM.from_engine(LLMEngine(loaded, target, kv_cache_bytes=kv_cache_bytes, **options))
+
+
+def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab_size, (count, length), generator=generator).tolist()
+
+
+def serving_prompts(llm, settings: Settings) -> list:
+    if settings.target == "cpu":
+        return [llm.tokenizer.encode(text) for text in PROMPTS[:settings.requests]]
+    return random_prompts(settings.requests, 16, llm.engine.config.vocab_size, seed=1)
+
+
+def time_single_request(engine, prompt: list, new_tokens: int) -> dict:
+    """Time to first token, then decode tok/s over the tokens after it."""
+    start = time.perf_counter()
+    engine.add_request(prompt, greedy(new_tokens))
+    first = final = None
+    while engine.has_unfinished():
+        for output in engine.step():
+            if first is None and output.token_ids:
+                first = time.perf_counter()
+            final = output if output.finished else final
+    decode_s = time.perf_counter() - first
+    return {"ttft_s": first - start, "decode_tok_s": (len(final.token_ids) - 1) / decode_s,
+            "token_ids": final.token_ids}
+
+
+def time_generate(llm, prompts: list, new_tokens: int) -> dict:
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, greedy(new_tokens))
+    seconds = time.perf_counter() - start
+    return {"tok_s": sum(len(o.token_ids) for o in outputs) / seconds, "seconds": seconds}
+
+
+def kv_utilization(llm, settings: Settings) -> dict:
+    from fuselm.runtime.engine import EngineStats
+
+    llm.engine.stats = EngineStats()
+    prompts = random_prompts(settings.requests, settings.util_prompt, llm.engine.config.vocab_size, seed=2)
+    run = time_generate(llm, prompts, settings.util_new)
+    stats = llm.engine.stats
+    return {"mean": stats.mean_kv_utilization, "preemptions": stats.preemptions, "steps": stats.steps, **run}
+
+
+def serve(settings: Settings) -> dict:
+    start = time.perf_counter()
+    llm = build_llm(settings)
+    build_s = time.perf_counter() - start
+    prompts = serving_prompts(llm, settings)
+    warm = [p[::-1] for p in prompts]  # same lengths, other tokens
+    llm.generate(warm[:1], greedy(4))
+    llm.generate(warm, greedy(4))
+    return {
+        "build_s": build_s,
+        "prompts": prompts,
+        "eos_token_ids": list(llm.tokenizer.eos_token_ids),
+        "single": time_single_request(llm.engine, prompts[0], settings.new_tokens),
+        "concurrent": time_generate(llm, prompts, settings.new_tokens),
+        "utilization": kv_utilization(llm, settings),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        "triton_imported": "triton" in sys.modules,
+    }
+
+
+def run_fuselm(args) -> dict:
+    """`serve` in a fresh process; its stderr (progress) passes through."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve-only", "--target", args.target,
+               "--shape", args.shape] + (["--quick"] if args.quick else [])
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    line = next(line for line in reversed(done.stdout.splitlines()) if line.startswith(RESULT_TAG))
+    return json.loads(line[len(RESULT_TAG):])
+
+
+# ------------------------------------------------------------------- cpu peers
+def hf_smollm2():
+    from transformers import AutoModelForCausalLM
+
+    from fuselm.models import fetch
+
+    path = fetch("smollm2-135m")
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def hf_generate(model, prompts: list, new_tokens: int, pad: int) -> tuple:
+    """(seconds, generated ids of the first row) of one left-padded greedy `generate`."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    return time.perf_counter() - start, out[0, width:].tolist()
+
+
+def time_transformers(prompts: list, new_tokens: int, pad: int) -> dict:
+    model = hf_smollm2()
+    hf_generate(model, prompts[:1], 4, pad)  # warm-up
+    hf_generate(model, [p[::-1] for p in prompts], 4, pad)
+    first_s, _ = hf_generate(model, prompts[:1], 1, pad)  # prefill + first token
+    single_s, token_ids = hf_generate(model, prompts[:1], new_tokens, pad)
+    batch_s, _ = hf_generate(model, prompts, new_tokens, pad)
+    return {"single": (new_tokens - 1) / (single_s - first_s), "batch": len(prompts) * new_tokens / batch_s,
+            "token_ids": token_ids}
+
+
+def llama_cpp_request(llm, prompt: list, new_tokens: int) -> tuple:
+    """(seconds to first token, seconds in all) for one greedy request of `new_tokens`."""
+    llm.reset()
+    start = time.perf_counter()
+    first, count = None, 0
+    for _ in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        first = first or time.perf_counter()
+        count += 1
+        if count == new_tokens:  # `generate` does not stop at EOS by itself
+            break
+    return first - start, time.perf_counter() - start
+
+
+def time_llama_cpp(prompts: list, new_tokens: int, n_ctx: int) -> Optional[dict]:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from fuselm.models import fetch
+
+    llm = Llama(model_path=str(fetch("smollm2-135m")), n_threads=2, n_threads_batch=2, n_ctx=n_ctx,
+                n_batch=n_ctx, seed=0, verbose=False)
+    llama_cpp_request(llm, prompts[0][::-1], 8)  # warm-up
+    runs = [llama_cpp_request(llm, p, new_tokens) for p in prompts]
+    single = statistics.median((new_tokens - 1) / (total - first) for first, total in runs)
+    return {"single": single, "batch": len(prompts) * new_tokens / sum(total for _, total in runs)}
+
+
+# ------------------------------------------------------------------- cuda peers
+def find_anchor(explicit: Optional[str]) -> Optional[Path]:
+    candidates = [Path(explicit)] if explicit else [
+        ROOT / ".anchor" / "gpu_anchor.py", ROOT / "shared" / "tools" / "gpu_anchor.py",
+        ROOT.parent / "shared" / "tools" / "gpu_anchor.py"]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def run_gpu_anchor(path: Path) -> dict:
+    """gpu_anchor.py's ceilings and static-cache Llama rows (1.1B shape), from its anchor.json."""
+    out = os.environ.get("OUT") or tempfile.mkdtemp()
+    env = dict(os.environ, SECTIONS="ceilings,llama", OUT=out, PYTHONUNBUFFERED="1")
+    subprocess.run([sys.executable, str(path)], env=env, stdout=sys.stderr, check=False)
+    result = Path(out) / "anchor.json"
+    return json.loads(result.read_text()) if result.is_file() else {}
+
+
+# ------------------------------------------------------------------- report
+@dataclass(frozen=True)
+class Row:
+    name: str
+    tok_s: Optional[float]      # None: not measured (the name says why)
+    target: Optional[float] = None  # fuselm / this peer should be at least this
+    note: str = ""
+    compared: bool = True           # print the ratio fuselm / this
+
+
+def print_group(title: str, rows: list) -> None:
+    base = rows[0].tok_s
+    print(f"  {title}")
+    for row in rows:
+        if row.tok_s is None:
+            print(f"    {row.name}")
+            continue
+        ratio = f"{base / row.tok_s:.2f}x" if row is not rows[0] and row.compared and base else ""
+        target = ""
+        if row.target is not None and base:
+            target = f">= {row.target:g}x ({'met' if base / row.tok_s >= row.target else 'MISSED'})"
+        print(f"    {row.name:<52}{row.tok_s:>9.1f}{ratio:>14}   {target or row.note}")
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def leading_agreement(ours: list, theirs: list) -> int:
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+
+
+def print_fuselm_facts(fuselm: dict, settings: Settings) -> None:
+    util, rss = fuselm["utilization"], fuselm["peak_rss_bytes"]
+    print(f"  fuselm load + compile {fuselm['build_s']:.1f} s; batch 1 time to first token "
+          f"{fuselm['single']['ttft_s'] * 1000:.0f} ms ({len(fuselm['prompts'][0])}-token prompt)")
+    print(f"  KV-cache utilization, {settings.requests} requests x ({settings.util_prompt} prompt + "
+          f"{settings.util_new} new tokens): {util['mean']:.1%} (target >= 95%: {verdict(util['mean'] >= 0.95)}); "
+          f"{util['preemptions']} preemptions, {util['steps']} steps, {util['tok_s']:.1f} tok/s")
+    rss_target = f" (target < 1.5 GB: {verdict(rss < 1.5e9)})" if settings.target == "cpu" else ""
+    triton = "yes" if fuselm["triton_imported"] else "no"
+    print(f"  fuselm serving process peak RSS {rss / 1e9:.2f} GB{rss_target}; triton imported: {triton}"
+          + (f" ({verdict(not fuselm['triton_imported'])}: must be no on cpu)" if settings.target == "cpu" else ""))
+
+
+def report_cpu(settings: Settings, fuselm: dict, hf: dict, llama: Optional[dict]) -> None:
+    n = settings.requests
+    llama_missing = Row("llama.cpp: not installed (pip install llama-cpp-python)", None)
+    print(f"\nSmolLM2-135M-Instruct greedy decode on cpu, {settings.new_tokens} new tokens per request")
+    print(f"    {'system':<52}{'tok/s':>9}{'fuselm / it':>14}   target")
+    print_group("batch 1 (decode tok/s after the first token)", [
+        Row("fuselm fp32", fuselm["single"]["decode_tok_s"]),
+        Row("transformers eager fp32", hf["single"], target=1.1),
+        Row("llama.cpp Q4_1, 2 threads", llama["single"]) if llama else llama_missing,
+    ])
+    print_group(f"{n} requests (generated tokens / wall time, prefill included)", [
+        Row(f"fuselm fp32, {n} concurrent", fuselm["concurrent"]["tok_s"]),
+        Row(f"transformers eager fp32, batch {n} left-padded", hf["batch"]),
+        Row(f"llama.cpp Q4_1, {n} requests one at a time", llama["batch"], target=2.0) if llama else llama_missing,
+    ])
+    print_fuselm_facts(fuselm, settings)
+    ours, theirs = fuselm["single"]["token_ids"], hf["token_ids"]
+    eos = next((i for i, t in enumerate(ours) if t in fuselm["eos_token_ids"]), None)
+    print(f"  greedy tokens, fuselm vs transformers (batch 1): first {leading_agreement(ours, theirs)} of "
+          f"{len(ours)} identical" + (f" (fuselm's first EOS at {eos}; transformers' min_new_tokens bans EOS)"
+                                      if eos is not None else ""))
+
+
+def report_cuda(settings: Settings, fuselm: dict, anchor: Optional[dict]) -> None:
+    n, same = settings.requests, settings.shape == "tinyllama"
+    floors = {"smollm2": ">= 1,350 tok/s", "tinyllama": ">= 1,450 tok/s"}
+    label = "" if same else " [1.1B shape: not compared]"
+
+    def peer(key: str, name: str, target: Optional[float] = None) -> Row:
+        if not anchor or key not in anchor:
+            return Row(f"{name}: not measured (gpu_anchor.py not found or failed)", None)
+        value = anchor[key]
+        return Row(name + label, value, target if same else None, compared=same)
+
+    print(f"\nrandom-weight Llama, {settings.shape} shape, bf16, greedy decode on cuda, "
+          f"{settings.new_tokens} new tokens per request")
+    print(f"    {'system':<52}{'tok/s':>9}{'fuselm / it':>14}   target")
+    print_group("batch 1 (decode tok/s after the first token)", [
+        Row("fuselm bf16", fuselm["single"]["decode_tok_s"], note=floors[settings.shape]),
+        peer("eager_B1_tok_s", "torch static-cache eager"),
+        peer("compiled_B1_tok_s", "torch.compile reduce-overhead", target=2.1),
+    ])
+    print_group(f"{n} requests (generated tokens / wall time, prefill included)", [
+        Row(f"fuselm bf16, {n} concurrent", fuselm["concurrent"]["tok_s"]),
+        peer("eager_B32_tok_s", "torch static-cache eager, batch 32"),
+        peer("compiled_B32_tok_s", "torch.compile reduce-overhead, batch 32", target=1.2),
+    ])
+    if anchor and "floor_B1_tok_s" in anchor:
+        print(f"  bandwidth floor, 1.1B bf16 at batch 1: {anchor['floor_B1_tok_s']:.0f} tok/s")
+    print_fuselm_facts(fuselm, settings)
+
+
+# ------------------------------------------------------------------- main
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="16 new tokens per request: a smoke test")
+    parser.add_argument("--target", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--shape", choices=("smollm2", "tinyllama"), default="smollm2",
+                        help="cuda: the random-weight model's shape")
+    parser.add_argument("--anchor", help="cuda: path of gpu_anchor.py (default: .anchor/ or shared/tools/)")
+    parser.add_argument("--no-anchor", action="store_true", help="cuda: skip the torch baseline")
+    parser.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)  # the fuselm subprocess
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    settings = Settings.from_args(args)
+    if args.serve_only:
+        print(RESULT_TAG + json.dumps(serve(settings)), flush=True)
+        return
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}", flush=True)
+    fuselm = run_fuselm(args)
+    if settings.target == "cuda":
+        anchor_path = None if args.no_anchor else find_anchor(args.anchor)
+        report_cuda(settings, fuselm, run_gpu_anchor(anchor_path) if anchor_path else None)
+        return
+    prompts = fuselm["prompts"]
+    hf = time_transformers(prompts, settings.new_tokens, pad=fuselm["eos_token_ids"][0])
+    llama = time_llama_cpp(prompts, settings.new_tokens, n_ctx=settings.max_model_len)
+    report_cpu(settings, fuselm, hf, llama)
+
+
+if __name__ == "__main__":
+    main()
