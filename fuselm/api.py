@@ -20,7 +20,7 @@ from .codegen.dump import write_kernel_dump
 from .errors import FuselmError
 from .frontend import capture
 from .ir.graph import Graph
-from .passes import run_passes
+from .passes import pipeline, run_passes
 from .passes.partition import KernelGroup, partition
 from .runtime.executor import Executor
 
@@ -89,11 +89,14 @@ def check_target(target: str) -> None:
 
 def compile(model: torch.nn.Module, example_inputs, target: str = "cpu", dynamic: Optional[dict] = None,
             dump_dir: Optional[str] = None, cache_dir: Optional[str] = None) -> CompiledModule:
-    """Compile `model` for `target`; `dynamic` names symbolic dims as in `frontend.capture`."""
+    """Compile `model` for `target`; `dynamic` names symbolic dims as in `frontend.capture`.
+
+    The graph goes through the generic pass pipeline, then the target's own passes (cpu:
+    gemm weights prepacked into the layout its kernels read), then partition."""
     check_target(target)
     dump_dir = dump_dir or os.environ.get("FUSELM_DUMP") or None
     with torch.no_grad():
-        graph = run_passes(capture(model.eval(), example_inputs, dynamic), dump_dir=dump_dir)
+        graph = run_passes(capture(model.eval(), example_inputs, dynamic), pipeline(target), dump_dir=dump_dir)
     steps = partition(graph)
     cache = KernelCache(target, cache_dir)
     launches = [(step, cache.kernel(step.graph)) for step in steps if isinstance(step, KernelGroup)]

@@ -2,8 +2,9 @@
 
 Conventions: a binary elementwise op takes two tensors, or one tensor and a `scalar`
 attribute (`reverse=True` when the scalar is the left operand); shapes broadcast as in
-torch. `gemm(x, w, ...)` is torch's linear (w is [N, K]) plus an epilogue. Fused forms are ordinary ops
-with attributes, so a fused graph stays interpretable.
+torch. `gemm(x, w, ...)` is torch's linear (w is [N, K], or prepacked as its
+`weight_layout` says) plus an epilogue. Fused forms are ordinary ops with attributes, so a
+fused graph stays interpretable.
 """
 from __future__ import annotations
 
@@ -200,12 +201,62 @@ ACTIVATIONS = {
 }
 EPILOGUE_INPUTS = {"bias": 1, "residual": 1}
 
+# How gemm's weight is stored ({weight_layout=..., n=N}; absent: torch's [N, K]).
+# "k16": panels [P, K, 16], panel p holding 16 of the N columns for every k, so a kernel
+# reads one [K, 16] panel contiguously. With gated_silu each panel holds 8 gate columns
+# then the 8 up columns of the same outputs (both halves of 8 outputs). Each half is
+# padded with zero columns to whole panels; `n` keeps the unpadded N.
+PANEL = 16
+WEIGHT_LAYOUTS = ("k16",)
+
+
+def weight_halves(epilogue) -> int:
+    """2 when a gated_silu pairs the halves [gate | up] of w's columns, else 1."""
+    return 2 if "gated_silu" in tuple(epilogue) else 1
+
+
+def packed_weight_shape(n: int, k, halves: int) -> tuple:
+    """The "k16" shape of an [n, k] weight: [panels, k, 16]."""
+    columns = PANEL // halves  # of each half, per panel
+    return (-(-(n // halves) // columns), k, PANEL)
+
+
+def pack_weight(w: torch.Tensor, halves: int) -> torch.Tensor:
+    """[N, K] -> "k16" panels: packed[p, k, h*c + i] = w[h*N/halves + p*c + i, k], c = 16/halves."""
+    n, k = w.shape
+    panels, _, _ = packed_weight_shape(n, k, halves)
+    columns, half = PANEL // halves, n // halves
+    parts = F.pad(w.reshape(halves, half, k), (0, 0, 0, panels * columns - half))
+    return parts.reshape(halves, panels, columns, k).permute(1, 3, 0, 2).reshape(panels, k, PANEL).contiguous()
+
+
+def unpack_weight(packed: torch.Tensor, n: int, halves: int) -> torch.Tensor:
+    """The inverse of `pack_weight`: the [n, K] weight back."""
+    panels, k, _ = packed.shape
+    columns = PANEL // halves
+    parts = packed.reshape(panels, k, halves, columns).permute(2, 0, 3, 1).reshape(halves, panels * columns, k)
+    return parts[:, : n // halves].reshape(n, k)
+
+
+def _gemm_weight_n(x: TensorType, w: TensorType, attrs: dict):
+    """N, the weight's logical row count, checked against x's K and the layout."""
+    layout = attrs.get("weight_layout")
+    if layout is None:
+        if w.rank != 2 or not dims_equal(x.shape[-1], w.shape[1]):
+            raise IRTypeError(f"gemm: x {x} and weight {w} disagree on K (weight is [N, K])")
+        return w.shape[0]
+    n, halves = attrs.get("n"), weight_halves(attrs.get("epilogue", ()))
+    if layout not in WEIGHT_LAYOUTS or not isinstance(n, int) or n % halves:
+        raise IRTypeError(f"gemm: weight_layout={layout!r} with n={n!r} (layouts: {WEIGHT_LAYOUTS}, n an int)")
+    expected = packed_weight_shape(n, x.shape[-1], halves)
+    if w.rank != 3 or not all(dims_equal(a, b) for a, b in zip(w.shape, expected)):
+        raise IRTypeError(f"gemm: a {layout} weight of n={n} for x {x} is [{', '.join(map(str, expected))}], got {w}")
+    return n
+
 
 def _gemm_infer(types, attrs):
     x, w, extras = types[0], types[1], list(types[2:])
-    if w.rank != 2 or not dims_equal(x.shape[-1], w.shape[1]):
-        raise IRTypeError(f"gemm: x {x} and weight {w} disagree on K (weight is [N, K])")
-    n = w.shape[0]
+    n = _gemm_weight_n(x, w, attrs)
     for step in attrs.get("epilogue", ()):
         if step in EPILOGUE_INPUTS:
             if not extras:
@@ -222,7 +273,9 @@ def _gemm_infer(types, attrs):
     return TensorType(x.shape[:-1] + (n,), x.dtype)
 
 
-def gemm_reference(x, w, *extras, epilogue=()):
+def gemm_reference(x, w, *extras, epilogue=(), weight_layout=None, n=None):
+    if weight_layout is not None:
+        w = unpack_weight(w, n, weight_halves(epilogue))
     y, extras = F.linear(x, w), list(extras)
     for step in epilogue:
         if step == "bias":

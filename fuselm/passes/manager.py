@@ -1,6 +1,7 @@
 """The pass pipeline: a flat, named list of Graph -> Graph functions.
 
-`run_passes` applies them in order, skipping any named in `disable`; with
+`run_passes` applies them in order (`pipeline(target)` is PIPELINE plus the passes of
+one target, e.g. cpu's weight `layout`), skipping any named in `disable`; with
 `FUSELM_VERIFY=1` the verifier checks the graph after every pass, and with a
 `dump_dir` the graph is written as `NN_<pass>.ir` before the first pass (00_captured)
 and after each one, like TVM's DumpIR and TORCH_COMPILE_DEBUG.
@@ -21,6 +22,7 @@ from .fuse_epilogue import fuse_epilogue
 from .fuse_norm import fuse_norm
 from .fuse_sibling_gemms import fuse_sibling_gemms
 from .canonicalize import canonicalize
+from .layout import prepack_weights
 
 Pass = tuple  # (name, Graph -> Graph)
 
@@ -42,6 +44,18 @@ FUSION: list = [
 ]
 
 PIPELINE: list = CLEANUP + FUSION + [("dead_code_final", eliminate_dead_code)]
+
+# What one target's kernels want of the graph, after the generic pipeline: cpu reads
+# gemm weights prepacked in k16 panels; cuda's kernels read [N, K] as it is.
+TARGET_PASSES: dict = {
+    "cpu": [("layout", prepack_weights)],
+    "cuda": [],
+}
+
+
+def pipeline(target: Optional[str] = None) -> list:
+    """PIPELINE, then the passes of `target` (none when target is None)."""
+    return PIPELINE + TARGET_PASSES.get(target, [])
 
 
 def verification_enabled() -> bool:

@@ -44,6 +44,8 @@ def generate(node: Node) -> GeneratedKernel:
         raise UnsupportedKernelError(f"gemm kernels take float inputs, got x {x}")
     if steps.count("gated_silu") > 1:
         raise UnsupportedKernelError("gemm: more than one gated_silu step")
+    if node.attrs.get("weight_layout") is not None:
+        raise UnsupportedKernelError(f"the Triton gemm reads w as [N, K], not the cpu layout {node.attrs['weight_layout']!r}")
     epilogue = Epilogue(steps)
     name = "_".join(["gemm", f"k{w.shape[1]}", f"n{node.type.shape[-1]}", *steps, x.dtype])
     if w.dtype != x.dtype:

@@ -1,40 +1,58 @@
 """gemm(x, w, *extras) {epilogue}: y = x @ w.T, then the epilogue, on fp32.
 
-x [M..., K] is flattened to [M, K]; w stays [N, K] as the IR keeps it (no prepacked
-layout is assumed). One module holds three PrimFuncs built for a symbolic M, and
-`run` picks one per call:
+x [M..., K] is flattened to [M, K]. w comes in one of two layouts (the gemm's
+`weight_layout`, see ir/core_ops.py), and each has one module of three PrimFuncs built
+for a symbolic M; `run` picks one per call: `gemv1` (M = 1), `gemv` (M <= GEMV_MAX_ROWS,
+decode) or `gemm` (prefill).
 
-- `gemv1` (M = 1) and `gemv` (M <= GEMV_MAX_ROWS), decode: a dot-product form that
-  streams w's rows once. A tile of 1 row of x x 8 rows of w (gemv1), or 2 x 4 (gemv:
-  half the reloads of w per row of x, and 4 rows of K=1536 still fit L1), keeps 8
-  vector accumulators along K in registers, then sums each one's lanes. Decode is
-  bound by reading w, so these forms pack nothing.
-- `gemm` (larger M, prefill): the BLIS-style outer-product micro-kernel: 6 rows of x
-  times 2 vectors (16 columns on AVX2) of w accumulate in 12 registers, x broadcast,
-  w read from a panel packed [K, 16]. Each thread packs the 48-column block of w it
-  owns, once per call, into a buffer that stays in L2; then it runs every row of x
-  against it. Rows are padded to a multiple of 6 by clamping x's row index, so the
-  inner loop has no guards; only the stores are predicated.
+k16 panels [ceil(N/16), K, 16], what the cpu `layout` pass gives every gemm whose weight
+it owns: each panel holds 16 columns of w for every k, contiguous, so all three forms
+are one outer-product micro-kernel straight from the panels, with no packing at run
+time. A register tile is `mr` rows of x times `panels` whole panels: per k, x broadcast
+and 16 floats of each panel (two AVX2 vectors), one vector accumulator per row and
+vector, so decode streams each panel front to back (counts below are for AVX2):
+- `gemv1`: 1 row x 4 panels, 8 accumulators: enough independent FMA chains to run at
+  the speed memory delivers w;
+- `gemv`: 2 rows x 2 panels, 8 accumulators; the next rows re-read the panels from L1/L2;
+- `gemm`: the BLIS micro-kernel, 6 rows x 1 panel, 12 accumulators; each parallel
+  block owns 3 panels (48 columns, in L2) and runs every row of x against them.
+The same tensor serves all three: weights live once, in this layout.
 
-The epilogue is one expression applied to the register tile before its store. A gated
-SiLU splits w's rows into halves [gate | up]: a tile holds both halves of its output
-columns (6 rows x 2 halves x 8 columns), so silu(gate) * up needs no second pass.
+[N, K], torch's layout, for weights the pass leaves alone (a tied embedding / lm_head):
+- `gemv1` and `gemv`: a dot-product form that streams w's rows once. A tile of 1 row of
+  x x 8 rows of w (gemv1), or 2 x 4 (gemv: half the reloads of w per row of x, and 4
+  rows of K=1536 still fit L1), keeps 8 vector accumulators along K in registers, then
+  sums each one's lanes.
+- `gemm`: the k16 `gemm` form, with the panels packed per call: each parallel block
+  packs its 3 panels from w's rows into a buffer that stays in L2, then runs every row
+  of x against them.
+
+Rows are padded to a multiple of the tile's rows by clamping x's row index (and columns
+to whole tiles by clamping the panel index), so inner loops have no guards; only the
+stores are predicated. The epilogue is one expression applied to the register tile
+before its store. A gated SiLU splits w's rows into halves [gate | up]: a tile holds both
+halves of its output columns (a k16 panel pairs 8 gate with 8 up columns), so
+silu(gate) * up needs no second pass.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from tvm import s_tir, te, tirx
 
 from ...errors import UnsupportedKernelError
+from ...ir.core_ops import PANEL, packed_weight_shape
 from ...ir.graph import Graph
 from . import fastmath
 from .build import const, operand_positions, single_node, tir_dtype, vector_lanes
 
 OPS = ("gemm",)
-GEMV_MAX_ROWS = 16  # the row count up to which `gemv` beats packing w
+GEMV_MAX_ROWS = 16  # the row count up to which the `gemv` form beats `gemm`
 _WITH_INPUT = ("bias", "residual")
+# The k16 forms' register tiles: (rows of x, panels, tiles per parallel block)
+PANEL_TILES = {"gemv1": (1, 4, 1), "gemv": (2, 2, 1), "gemm": (6, 1, 3)}
 
 
 ACTIVATIONS = {  # vectorizable forms: LLVM turns exp/erf/tanh on vectors into libm calls per lane
@@ -54,6 +72,7 @@ class GemmSpec:
     steps: tuple
     extra_ranks: tuple  # rank of each extra input (bias 1, residual 1 or 2 once flattened)
     dtype: str
+    layout: Optional[str] = None  # w's weight_layout: None for [N, K], "k16" for panels
 
     @property
     def halves(self) -> int:
@@ -65,7 +84,8 @@ class GemmSpec:
 
     @property
     def name(self) -> str:
-        return "_".join(["gemm", f"k{self.K}", f"n{self.n_out}", *self.steps])
+        layout = [f"w{self.layout}"] if self.layout else []
+        return "_".join(["gemm", f"k{self.K}", f"n{self.n_out}", *self.steps, *layout])
 
 
 def spec_of(node) -> GemmSpec:
@@ -78,7 +98,12 @@ def spec_of(node) -> GemmSpec:
     if not all(isinstance(d, int) for d in w.shape):
         raise UnsupportedKernelError(f"gemm weight {w} must have static sizes")
     ranks = tuple(1 if v.type.rank == 1 else 2 for v in node.inputs[2:])
-    return GemmSpec(w.shape[1], w.shape[0], steps, ranks, x.dtype)
+    layout = node.attrs.get("weight_layout")
+    if layout is None:
+        return GemmSpec(w.shape[1], w.shape[0], steps, ranks, x.dtype)
+    if layout != "k16":
+        raise UnsupportedKernelError(f"the cpu gemm kernel reads weights [N, K] or k16 panels, not {layout}")
+    return GemmSpec(w.shape[1], node.attrs["n"], steps, ranks, x.dtype, layout)
 
 
 # ----------------------------------------------------------------------------- epilogue
@@ -101,7 +126,8 @@ def epilogue(spec: GemmSpec, acc, extras: list, m, j) -> tirx.PrimExpr:
 def _placeholders(spec: GemmSpec, M):
     dtype = tir_dtype(spec.dtype)
     x = te.placeholder((M, spec.K), dtype, name="x")
-    w = te.placeholder((spec.N, spec.K), dtype, name="w")
+    shape = (spec.N, spec.K) if spec.layout is None else packed_weight_shape(spec.N, spec.K, spec.halves)
+    w = te.placeholder(shape, dtype, name="w")
     extras, widths = [], _extra_widths(spec)
     for i, (rank, width) in enumerate(zip(spec.extra_ranks, widths)):
         shape = (width,) if rank == 1 else (M, width)
@@ -124,47 +150,7 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-# ----------------------------------------------------------------------------- gemm (prefill)
-def gemm_func(spec: GemmSpec) -> tirx.PrimFunc:
-    """Outer-product form over a per-block packed w; see the module docstring."""
-    H, K, lanes = spec.halves, spec.K, vector_lanes()
-    nv, mr = 2 * lanes // H, 6  # register tile: 6 rows x H halves x nv columns = 12 vectors
-    nb = 3 * nv  # output columns per parallel block (its packed panel is H * nb x K)
-    M = tirx.Var("M", "int32")
-    x, w, extras = _placeholders(spec, M)
-    half, padded = spec.n_out, _round_up(spec.n_out, nb)
-    packed = te.compute(
-        (H, padded // nv, K, nv),
-        lambda h, jo, k, ji: w[h * half + tirx.min(jo * nv + ji, half - 1), k], name="w_packed")
-    rows = tirx.floordiv(M + mr - 1, mr) * mr
-    k = te.reduce_axis((0, K), name="k")
-    acc = te.compute(
-        (rows, H, padded),
-        lambda m, h, j: te.sum(x[tirx.min(m, M - 1), k] * packed[h, j // nv, k, j % nv], axis=k), name="acc")
-    out = te.compute((M, spec.n_out), lambda m, j: epilogue(spec, lambda h: acc[m, h, j], extras, m, j), name="out")
-    sch = s_tir.Schedule(te.create_prim_func([x, w, *extras, out]))
-    b_out, b_acc, b_pack = (sch.get_sblock(n) for n in ("out", "acc", "w_packed"))
-    m, j = sch.get_loops(b_out)
-    j_block, j_tile, j_vec = sch.split(j, [None, nb // nv, nv])
-    m_tile, m_row = sch.split(m, [None, mr])
-    sch.reorder(j_block, m_tile, j_tile, m_row, j_vec)
-    sch.compute_at(b_acc, j_tile, preserve_unit_loops=True)
-    sch.compute_at(b_pack, j_block, preserve_unit_loops=True)
-    a_m, a_h, a_j, a_k = sch.get_loops(b_acc)[-4:]
-    sch.reorder(a_k, a_m, a_h, a_j)
-    sch.vectorize(a_j)
-    sch.unroll(a_m)
-    sch.unroll(a_h)
-    sch.vectorize(sch.get_loops(b_pack)[-1])
-    sch.unroll(m_row)
-    if spec.n_out % nv == 0:
-        sch.vectorize(j_vec)
-    sch.parallel(j_block)
-    sch.decompose_reduction(b_acc, a_k)
-    return sch.mod["main"]
-
-
-# ----------------------------------------------------------------------------- gemv (decode)
+# ----------------------------------------------------------------------------- [N, K]: gemv (decode)
 def gemv_func(spec: GemmSpec, mr: int = 1, rows_per_tile: int = 8) -> tirx.PrimFunc:
     """Dot-product form straight from w's rows; see the module docstring.
 
@@ -208,18 +194,72 @@ def gemv_func(spec: GemmSpec, mr: int = 1, rows_per_tile: int = 8) -> tirx.PrimF
     return sch.mod["main"]
 
 
+# ----------------------------------------------------------------------------- panels: every k16 form, [N, K] gemm
+def panel_func(spec: GemmSpec, mr: int, panels: int, block_tiles: int) -> tirx.PrimFunc:
+    """Outer-product form over k16 panels (see the module docstring): a register tile of
+    `mr` rows of x times `panels` panels (each H halves x 16/H columns), `block_tiles`
+    tiles per parallel block. A k16 w is read as it is; an [N, K] w is packed into k16
+    panels per call, each parallel block packing its own."""
+    H, K = spec.halves, spec.K
+    c = PANEL // H  # columns of one half in a panel
+    nb = panels * c  # output columns of a register tile
+    M = tirx.Var("M", "int32")
+    x, w, extras = _placeholders(spec, M)
+    half, padded = spec.n_out, _round_up(spec.n_out, nb * block_tiles)
+    if spec.layout is None:
+        w_panels = te.compute((padded // c, K, PANEL), lambda p, k, q: w[q // c * half + tirx.min(p * c + q % c, half - 1), k],
+                              name="w_packed")
+    else:
+        w_panels = w
+    last = w_panels.shape[0] - 1
+    rows = M if mr == 1 else tirx.floordiv(M + mr - 1, mr) * mr
+    k = te.reduce_axis((0, K), name="k")
+
+    def product(m, h, j):
+        row = m if mr == 1 else tirx.min(m, M - 1)
+        return x[row, k] * w_panels[tirx.min(j // c, last), k, h * c + j % c]
+
+    acc = te.compute((rows, H, padded), lambda m, h, j: te.sum(product(m, h, j), axis=k), name="acc")
+    out = te.compute((M, spec.n_out), lambda m, j: epilogue(spec, lambda h: acc[m, h, j], extras, m, j), name="out")
+    sch = s_tir.Schedule(te.create_prim_func([x, w, *extras, out]))
+    b_out, b_acc = sch.get_sblock("out"), sch.get_sblock("acc")
+    m, j = sch.get_loops(b_out)
+    j_block, j_tile, j_panel, j_col = sch.split(j, [None, block_tiles, panels, c])
+    m_tile, m_row = sch.split(m, [None, mr])
+    sch.reorder(j_block, m_tile, j_tile, m_row, j_panel, j_col)
+    sch.compute_at(b_acc, j_tile, preserve_unit_loops=True)
+    if spec.layout is None:
+        b_pack = sch.get_sblock("w_packed")
+        sch.compute_at(b_pack, j_block, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(b_pack)[-1])
+    a_m, a_h, a_j, a_k = sch.get_loops(b_acc)[-4:]
+    a_p, a_c = sch.split(a_j, [panels, c])
+    sch.reorder(a_k, a_m, a_p, a_h, a_c)
+    sch.vectorize(a_c)
+    for loop in (a_m, a_p, a_h, m_row, j_panel):
+        sch.unroll(loop)
+    if spec.n_out % c == 0:
+        sch.vectorize(j_col)
+    sch.parallel(j_block)
+    sch.decompose_reduction(b_acc, a_k)
+    return sch.mod["main"]
+
+
 # ----------------------------------------------------------------------------- kernel
 def generate(group: Graph) -> tuple:
     """(kernel name, {function name: scheduled PrimFunc})."""
     spec = spec_of(single_node(group))
-    return spec.name, {"gemv1": gemv_func(spec, 1, 8), "gemv": gemv_func(spec, 2, 4), "gemm": gemm_func(spec)}
+    if spec.layout is None:
+        return spec.name, {"gemv1": gemv_func(spec, 1, 8), "gemv": gemv_func(spec, 2, 4),
+                           "gemm": panel_func(spec, *PANEL_TILES["gemm"])}
+    return spec.name, {form: panel_func(spec, *tiles) for form, tiles in PANEL_TILES.items()}
 
 
 def make_run(group: Graph, functions):
     """run(*group inputs): flatten x's leading dims, allocate the output, pick the form.
 
-    Forms by row count: 1 -> gemv1 (1 x 8 tiles), up to GEMV_MAX_ROWS -> gemv (2 x 4
-    tiles, half the reloads of w), above -> gemm. The common call (2-D, contiguous
+    Forms by row count: 1 -> gemv1, up to GEMV_MAX_ROWS -> gemv, above -> gemm (their
+    tiles depend on w's layout; see the module docstring). The common call (2-D, contiguous
     tensors) goes straight to TVM, which checks shapes and strides itself; anything
     else is reshaped and made contiguous first.
     """
