@@ -47,7 +47,7 @@ class CompiledModule:
         self._executor = Executor(graph, steps, lambda group: kernels[id(group)].run)
 
     def __call__(self, *args):
-        with torch.no_grad(), _cores_owned_by_kernels(self.target):
+        with torch.no_grad(), cores_owned_by_kernels(self.target):
             return self._executor(*args)
 
     @property
@@ -64,7 +64,7 @@ class CompiledModule:
 
 
 @contextlib.contextmanager
-def _cores_owned_by_kernels(target: str):
+def cores_owned_by_kernels(target: str):
     """On cpu, TVM's pool owns the cores while the kernels run: torch's own work between
     them (views, the odd copy) runs on one thread, so its OpenMP workers do not wake and
     fight the pool (measured: 2x slower attention and norms when they do)."""

@@ -79,9 +79,13 @@ def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype)
         model = cls(config)
     converted = convert(state_dict)
     state_dict.clear()  # the checkpoint's tensors become the model's: held once
-    weights = {}
+    weights, ready = {}, {}  # ready: a checkpoint tensor's storage -> its kernel-ready form (ties stay tied)
     for name in list(converted):
-        weights[name] = kernel_ready(converted.pop(name).to(dtype))
+        tensor = converted.pop(name)  # popped, so each original is freed once converted
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key not in ready:
+            ready[key] = kernel_ready(tensor.to(dtype))
+        weights[name] = ready[key]
     model.load_state_dict(weights, strict=True, assign=True)
     retie_shared_parameters(model)
     for name, buffer in model.named_buffers():
