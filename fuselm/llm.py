@@ -11,10 +11,12 @@ prompts are served together by continuous batching.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from .frontend.without_triton import without_triton
 from .runtime.engine import LLMEngine
 from .runtime.request import RequestOutput
 from .sampling_params import SamplingParams
@@ -40,12 +42,13 @@ class LLM:
         self.target = resolve_target(target)
         if dtype is None:
             dtype = torch.bfloat16 if self.target == "cuda" else torch.float32
-        loaded = load(model, dtype=dtype)
-        self.tokenizer = loaded.tokenizer
-        self.engine = LLMEngine(loaded, self.target, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
-                                block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-                                cache_dir=cache_dir)
+        with without_triton() if self.target == "cpu" else contextlib.nullcontext():
+            loaded = load(model, dtype=dtype)
+            self.tokenizer = loaded.tokenizer
+            self.engine = LLMEngine(loaded, self.target, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
+                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
+                                    cache_dir=cache_dir)
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "LLM":
