@@ -19,19 +19,11 @@ from fuselm.passes.fuse_norm import fuse_norm
 from fuselm.passes.fuse_sibling_gemms import fuse_sibling_gemms
 from tiny_models import captured, tiny_llama
 
+from pass_checks import fresh_counters, same_results  # noqa: F401 (fresh_counters: autouse)
+
 T = symbol("T")
 
 
-@pytest.fixture(autouse=True)
-def fresh_counters():
-    torch.manual_seed(0)
-    counters.clear()
-
-
-def same_results(before, after, *inputs):
-    ir.verify(after)
-    expected, got = ir.interpret(before, *inputs), ir.interpret(after, *inputs)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def ops(graph):

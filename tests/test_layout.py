@@ -16,18 +16,11 @@ from fuselm.ir.core_ops import pack_weight, unpack_weight
 from fuselm.passes import counters, pipeline
 from fuselm.passes.layout import prepack_weights
 
+from pass_checks import fresh_counters, same_results  # noqa: F401 (fresh_counters: autouse)
+
 T = symbol("T")
 
 
-@pytest.fixture(autouse=True)
-def fresh_counters():
-    torch.manual_seed(0)
-    counters.clear()
-
-
-def same_results(before, after, *inputs):
-    ir.verify(after)
-    torch.testing.assert_close(ir.interpret(after, *inputs), ir.interpret(before, *inputs), rtol=1e-5, atol=1e-5)
 
 
 def gemms(graph):
