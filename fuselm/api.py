@@ -88,15 +88,19 @@ def check_target(target: str) -> None:
 
 
 def compile(model: torch.nn.Module, example_inputs, target: str = "cpu", dynamic: Optional[dict] = None,
-            dump_dir: Optional[str] = None, cache_dir: Optional[str] = None) -> CompiledModule:
+            dump_dir: Optional[str] = None, cache_dir: Optional[str] = None,
+            donate_weights: bool = False) -> CompiledModule:
     """Compile `model` for `target`; `dynamic` names symbolic dims as in `frontend.capture`.
 
     The graph goes through the generic pass pipeline, then the target's own passes (cpu:
-    gemm weights prepacked into the layout its kernels read), then partition."""
+    gemm weights prepacked into the layout its kernels read), then partition.
+    `donate_weights=True` lets those layouts reuse the module's weight memory, so weights
+    exist once even while compiling; the module must not run afterwards."""
     check_target(target)
     dump_dir = dump_dir or os.environ.get("FUSELM_DUMP") or None
     with torch.no_grad():
-        graph = run_passes(capture(model.eval(), example_inputs, dynamic), pipeline(target), dump_dir=dump_dir)
+        graph = run_passes(capture(model.eval(), example_inputs, dynamic), pipeline(target, donate_weights),
+                           dump_dir=dump_dir)
     steps = partition(graph)
     cache = KernelCache(target, cache_dir)
     launches = [(step, cache.kernel(step.graph)) for step in steps if isinstance(step, KernelGroup)]

@@ -48,7 +48,7 @@ class LLM:
             self.engine = LLMEngine(loaded, self.target, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
                                     block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-                                    cache_dir=cache_dir)
+                                    cache_dir=cache_dir, donate_weights=True)  # the model is ours alone
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "LLM":

@@ -208,3 +208,24 @@ def test_tiny_llama_compiled_for_cpu_packs_all_but_the_tied_head(tmp_path):
         logits, cache = compiled(*inputs.as_tuple())
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(cache, expected_inputs.kv_cache, rtol=1e-4, atol=1e-4)
+
+
+def test_donated_weights_are_packed_in_their_own_memory(tmp_path):
+    from fuselm import api
+    from fuselm.models.contract import capture_example, pack_prompts
+    from tiny_models import tiny_llama
+
+    config, model = tiny_llama()
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9]]
+    with torch.no_grad():
+        expected = model(*pack_prompts(config, prompts, all_logits=True).as_tuple())
+    down = model.model.layers[0].mlp.down_proj.weight
+    down_memory, down_copy = down.data_ptr(), down.clone()
+    example, dynamic = capture_example(config)
+    compiled = api.compile(model, example, target="cpu", dynamic=dynamic, cache_dir=str(tmp_path),
+                           donate_weights=True)
+    packed = {t.data_ptr(): t for name, t in compiled.graph.constants.items() if name.endswith(".k16")}
+    assert down_memory in packed, "the down projection was packed into new memory"
+    torch.testing.assert_close(unpack_weight(packed[down_memory], down_copy.shape[0], 1), down_copy)
+    logits, _ = compiled(*pack_prompts(config, prompts, all_logits=True).as_tuple())
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

@@ -36,8 +36,12 @@ def _packable(w, readers: list, outputs: set) -> bool:
     return len({_halves(g) for g in readers}) == 1
 
 
-def prepack_weights(graph: Graph) -> Graph:
+def prepack_weights(graph: Graph, donate_weights: bool = False) -> Graph:
+    """`donate_weights`: write each packed weight into its [N, K] original's own storage
+    (same element count when N is a multiple of 16), so no second copy of the weights
+    exists even for a moment; the module the graph came from must not run afterwards."""
     readers, outputs = graph.users(), set(graph.outputs)
+    sharers = _storage_sharers(graph) if donate_weights else {}
     packed: dict = {}  # [N, K] constant -> its k16 constant
 
     def visit(builder, node, inputs):
@@ -45,7 +49,10 @@ def prepack_weights(graph: Graph) -> Graph:
         if not isinstance(w, Constant) or not _packable(w, readers.get(w, []), outputs):
             return None
         if w not in packed:
-            tensor = pack_weight(builder.constants[w.name], _halves(node))
+            original = builder.constants[w.name]
+            tensor = pack_weight(original, _halves(node))
+            if sharers.get(original.untyped_storage().data_ptr()) == 1:
+                tensor = _moved_into(original, tensor)
             packed[w] = builder.constant(builder.fresh_constant_name(f"{w.name}.{LAYOUT}"), tensor)
             counters["layout.weights"] += 1
         counters["layout.k16"] += 1
@@ -53,3 +60,21 @@ def prepack_weights(graph: Graph) -> Graph:
         return builder.op("gemm", inputs[0], packed[w], *inputs[2:], source=node.source, **attrs)
 
     return transform(graph, visit)
+
+
+def _storage_sharers(graph: Graph) -> dict:
+    """How many constants of the graph use each storage (a tie or a view makes it > 1)."""
+    counts: dict = {}
+    for tensor in graph.constants.values():
+        key = tensor.untyped_storage().data_ptr()
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _moved_into(original, packed):
+    """`packed`, stored in `original`'s memory when that memory is exactly its own."""
+    whole = original.untyped_storage().nbytes() == packed.numel() * packed.element_size()
+    if not (whole and original.is_contiguous() and original.storage_offset() == 0 and original.dtype == packed.dtype):
+        return packed
+    original.view(-1).copy_(packed.view(-1))
+    return original.view(packed.shape)

@@ -8,6 +8,7 @@ and after each one, like TVM's DumpIR and TORCH_COMPILE_DEBUG.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -53,9 +54,14 @@ TARGET_PASSES: dict = {
 }
 
 
-def pipeline(target: Optional[str] = None) -> list:
-    """PIPELINE, then the passes of `target` (none when target is None)."""
-    return PIPELINE + TARGET_PASSES.get(target, [])
+def pipeline(target: Optional[str] = None, donate_weights: bool = False) -> list:
+    """PIPELINE, then the passes of `target` (none when target is None). With
+    `donate_weights` the layout pass packs weights into their own storage (see layout.py)."""
+    passes = PIPELINE + TARGET_PASSES.get(target, [])
+    if donate_weights:
+        passes = [(name, functools.partial(fn, donate_weights=True) if fn is prepack_weights else fn)
+                  for name, fn in passes]
+    return passes
 
 
 def verification_enabled() -> bool:

@@ -50,7 +50,8 @@ class LLMEngine:
     def __init__(self, loaded, target: str = "cpu", *, max_model_len: Optional[int] = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, block_size: int = 16,
-                 enable_prefix_caching: bool = True, cache_dir: Optional[str] = None, forward=None):
+                 enable_prefix_caching: bool = True, cache_dir: Optional[str] = None, forward=None,
+                 donate_weights: bool = False):
         if loaded.tokenizer is None:
             raise ValueError(f"{loaded.source} has no tokenizer; the engine needs one")
         self.config, self.tokenizer, self.target = loaded.config, loaded.tokenizer, target
@@ -58,7 +59,7 @@ class LLMEngine:
         _check_positive(max_num_seqs=max_num_seqs, block_size=block_size)
         dtype = next(loaded.model.parameters()).dtype
         device = "cuda" if target == "cuda" else "cpu"
-        forward = forward or compile_lm(loaded, target, block_size, dtype, cache_dir)
+        forward = forward or compile_lm(loaded, target, block_size, dtype, cache_dir, donate_weights)
         num_blocks = self._num_blocks(kv_cache_bytes, max_num_seqs, block_size, dtype, device)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(forward, self.config, self.kv, device, dtype)
@@ -301,8 +302,10 @@ class LLMEngine:
             self.stats.kv_utilization.append(min(stored / held, 1.0))
 
 
-def compile_lm(loaded, target: str, block_size: int, dtype: torch.dtype, cache_dir: Optional[str]):
-    """The model compiled for `target` in the LM contract, with symbolic batch sizes."""
+def compile_lm(loaded, target: str, block_size: int, dtype: torch.dtype, cache_dir: Optional[str],
+               donate_weights: bool = False):
+    """The model compiled for `target` in the LM contract, with symbolic batch sizes.
+    `donate_weights`: the compiled layouts may reuse (and scramble) the module's weights."""
     import contextlib
 
     from ..api import compile
@@ -314,7 +317,8 @@ def compile_lm(loaded, target: str, block_size: int, dtype: torch.dtype, cache_d
     model = loaded.model.to(device)
     example = tuple(t.to(device) for t in example)
     with without_triton() if target == "cpu" else contextlib.nullcontext():
-        return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir)
+        return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir,
+                       donate_weights=donate_weights)
 
 
 def _check_max_model_len(max_model_len: Optional[int], config) -> int:
