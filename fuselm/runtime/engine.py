@@ -60,6 +60,8 @@ class LLMEngine:
         dtype = next(loaded.model.parameters()).dtype
         device = "cuda" if target == "cuda" else "cpu"
         forward = forward or compile_lm(loaded, target, block_size, dtype, cache_dir, donate_weights)
+        if donate_weights:
+            release_module_weights(loaded.model)
         num_blocks = self._num_blocks(kv_cache_bytes, max_num_seqs, block_size, dtype, device)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(forward, self.config, self.kv, device, dtype)
@@ -319,6 +321,21 @@ def compile_lm(loaded, target: str, block_size: int, dtype: torch.dtype, cache_d
     with without_triton() if target == "cpu" else contextlib.nullcontext():
         return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir,
                        donate_weights=donate_weights)
+
+
+def release_module_weights(model: torch.nn.Module) -> None:
+    """After a donating compile, the module's tensors that the graph did not keep (q/k/v and
+    gate/up before concatenation) are dead weight: drop them, and hand the freed heap back
+    to the OS (glibc keeps small freed blocks resident) before the KV cache is allocated."""
+    import ctypes
+    import gc
+
+    model.to("meta")
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused, just not returned
+        pass
 
 
 def _check_max_model_len(max_model_len: Optional[int], config) -> int:
