@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..api import cores_owned_by_kernels
 from ..sampling_params import SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheManager, free_memory_budget, kv_bytes_per_token, num_blocks_for_budget
@@ -162,8 +163,6 @@ class LLMEngine:
 
     def step(self) -> list:
         """Run one scheduled batch; returns a RequestOutput per request that progressed."""
-        from ..api import cores_owned_by_kernels
-
         # The sampler's torch work runs on one thread too: torch's OpenMP workers would
         # otherwise spin after it and slow the kernels of the next step (measured 4x on
         # the decode attention).
