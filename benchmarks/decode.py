@@ -115,20 +115,10 @@ def random_shapes() -> dict:
                                rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True),
         "tinyllama": LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                  num_attention_heads=32, num_key_value_heads=4, rms_norm_eps=1e-5),
+        # a smoke test of this script without a GPU (TRITON_INTERPRET=1 runs the cuda kernels)
+        "tiny": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5),
     }
-
-
-def word_tokenizer(vocab_size: int):
-    """A tokenizer for random weights: token i is the word `t<i>` (no gguf file needed)."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-
-    from fuselm.models import Tokenizer
-
-    backend = Backend(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    backend.pre_tokenizer = WhitespaceSplit()
-    return Tokenizer(backend, special_tokens={"eos_token": "t2"})
 
 
 def build_llm(settings: Settings):
@@ -144,15 +134,17 @@ def build_llm(settings: Settings):
 
 def random_llm(config, target: str, dtype: torch.dtype = torch.bfloat16, **options):
     from fuselm import LLM
+    from fuselm.api import target_device
+    from fuselm.models import Tokenizer
     from fuselm.models.llama import LlamaForCausalLM
     from fuselm.models.loading import LoadedModel
     from fuselm.runtime.engine import LLMEngine
     from fuselm.runtime.kv_cache import kv_bytes_per_token
 
     torch.manual_seed(0)
-    with torch.device("cuda" if target == "cuda" else "cpu"):  # initialize 1.1B weights on the GPU
+    with target_device(target):  # initialize 1.1B weights on the GPU
         model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
-    loaded = LoadedModel(model, word_tokenizer(config.vocab_size), config, Path("random-weights"))
+    loaded = LoadedModel(model, Tokenizer.of_numbered_words(config.vocab_size), config, Path("random-weights"))
     # room for every request's full context, as on cpu (not 90% of the GPU's memory)
     kv_cache_bytes = options["max_num_seqs"] * options["max_model_len"] * kv_bytes_per_token(config, dtype)
     return LLM.from_engine(LLMEngine(loaded, target, kv_cache_bytes=kv_cache_bytes, **options))
@@ -209,7 +201,7 @@ def serve(settings: Settings) -> dict:
     warm = [p[::-1] for p in prompts]  # same lengths, other tokens
     llm.generate(warm[:1], greedy(4))
     llm.generate(warm, greedy(4))
-    return {
+    result = {
         "build_s": build_s,
         "prompts": prompts,
         "eos_token_ids": list(llm.tokenizer.eos_token_ids),
@@ -219,6 +211,54 @@ def serve(settings: Settings) -> dict:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         "triton_imported": "triton" in sys.modules,
     }
+    if settings.target == "cuda":
+        result.update(cuda_details(llm, prompts, settings))
+    return result
+
+
+def cuda_details(llm, prompts: list, settings: Settings) -> dict:
+    """The decode without CUDA graphs (batch 1), each batch's GPU time per decode step
+    against its wall time (the rest is host work), and the gemm tiles tuning chose."""
+    from fuselm.codegen.triton import tuning
+
+    details = {"tuned_tiles": {" ".join(map(str, key)): cfg for key, cfg in tuning._chosen.items()}}
+    runner = llm.engine.runner
+    graphs, runner.decode_graphs = runner.decode_graphs, None
+    try:
+        details["single_eager"] = time_single_request(llm.engine, prompts[0], settings.new_tokens)
+    finally:
+        runner.decode_graphs = graphs
+    for batch in (1, settings.requests):
+        try:
+            details[f"profile_B{batch}"] = profile_decode(llm.engine, prompts[:batch])
+        except Exception as err:  # noqa: BLE001 - a missing profiler must not lose the timings
+            details[f"profile_B{batch}"] = {"error": repr(err)[:300]}
+    return details
+
+
+def profile_decode(engine, prompts: list, steps: int = 16) -> dict:
+    """torch.profiler over `steps` decode steps of `prompts` served together."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for prompt in prompts:
+        engine.add_request(prompt, greedy(steps + 8))
+    for _ in range(4):  # past the prefills
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    while engine.has_unfinished():
+        engine.step()
+    kernels = [(e.key, getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0), e.count)
+               for e in prof.key_averages()]
+    kernels = sorted((k for k in kernels if k[1] > 0 and not k[0].startswith(("cuda", "Memcpy", "Memset"))),
+                     key=lambda k: -k[1])
+    return {"wall_ms_per_step": wall_ms, "gpu_ms_per_step": sum(k[1] for k in kernels) / 1e3 / steps,
+            "top_kernels": [(name[:60], t / 1e3 / steps, count / steps) for name, t, count in kernels[:12]]}
 
 
 def run_fuselm(args) -> dict:
@@ -378,7 +418,7 @@ def report_cpu(settings: Settings, fuselm: dict, hf: dict, llama: Optional[dict]
 
 def report_cuda(settings: Settings, fuselm: dict, anchor: Optional[dict]) -> None:
     n, same = settings.requests, settings.shape == "tinyllama"
-    floors = {"smollm2": ">= 1,350 tok/s", "tinyllama": ">= 1,450 tok/s"}
+    floors = {"smollm2": ">= 1,350 tok/s", "tinyllama": ">= 1,450 tok/s", "tiny": "smoke test"}
     label = "" if same else " [1.1B shape: not compared]"
 
     def peer(key: str, name: str, target: Optional[float] = None) -> Row:
@@ -401,7 +441,23 @@ def report_cuda(settings: Settings, fuselm: dict, anchor: Optional[dict]) -> Non
         peer("compiled_B32_tok_s", "torch.compile reduce-overhead, batch 32", target=1.2),
     ])
     if anchor and "floor_B1_tok_s" in anchor:
-        print(f"  bandwidth floor, 1.1B bf16 at batch 1: {anchor['floor_B1_tok_s']:.0f} tok/s")
+        floor = anchor["floor_B1_tok_s"]
+        share = fuselm["single"]["decode_tok_s"] / floor if same else None
+        print(f"  bandwidth floor, 1.1B bf16 at batch 1: {floor:.0f} tok/s"
+              + (f"; fuselm at {share:.0%} of it (target >= 75%: {verdict(share >= 0.75)})" if share else ""))
+    if "single_eager" in fuselm:
+        print(f"  batch 1 without CUDA graphs (enforce_eager): {fuselm['single_eager']['decode_tok_s']:.1f} tok/s")
+    for key in (k for k in fuselm if k.startswith("profile_B")):
+        profile = fuselm[key]
+        if "error" in profile:
+            print(f"  {key}: {profile['error']}")
+            continue
+        print(f"  decode step, batch {key[9:]}: {profile['wall_ms_per_step']:.3f} ms wall under the profiler, "
+              f"{profile['gpu_ms_per_step']:.3f} ms of GPU kernels")
+        for name, ms, count in profile["top_kernels"]:
+            print(f"      {ms:8.4f} ms  x{count:<5.1f} {name}")
+    for shape, cfg in fuselm.get("tuned_tiles", {}).items():
+        print(f"  tuned tile {shape}: {cfg}")
     print_fuselm_facts(fuselm, settings)
 
 
@@ -410,7 +466,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="16 new tokens per request: a smoke test")
     parser.add_argument("--target", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--shape", choices=("smollm2", "tinyllama"), default="smollm2",
+    parser.add_argument("--shape", choices=("smollm2", "tinyllama", "tiny"), default="smollm2",
                         help="cuda: the random-weight model's shape")
     parser.add_argument("--anchor", help="cuda: path of gpu_anchor.py (default: .anchor/ or shared/tools/)")
     parser.add_argument("--no-anchor", action="store_true", help="cuda: skip the torch baseline")

@@ -87,6 +87,12 @@ def check_target(target: str) -> None:
                           "or set TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter")
 
 
+def target_device(target: str) -> torch.device:
+    """Where a target's tensors live: the GPU for cuda, or the cpu (also for cuda kernels
+    run by Triton's interpreter when no GPU is visible)."""
+    return torch.device("cuda" if target == "cuda" and torch.cuda.is_available() else "cpu")
+
+
 def compile(model: torch.nn.Module, example_inputs, target: str = "cpu", dynamic: Optional[dict] = None,
             dump_dir: Optional[str] = None, cache_dir: Optional[str] = None,
             donate_weights: bool = False) -> CompiledModule:

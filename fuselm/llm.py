@@ -36,7 +36,10 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m", target: str = "auto", *, dtype: Optional[torch.dtype] = None,
                  max_model_len: Optional[int] = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
-                 block_size: int = 16, enable_prefix_caching: bool = True, cache_dir: Optional[str] = None):
+                 block_size: int = 16, enable_prefix_caching: bool = True, cache_dir: Optional[str] = None,
+                 enforce_eager: bool = False):
+        """`enforce_eager`: on cuda, run decode steps kernel by kernel instead of replaying
+        CUDA graphs (vLLM's option of that name)."""
         from .models import load
 
         self.target = resolve_target(target)
@@ -48,7 +51,8 @@ class LLM:
             self.engine = LLMEngine(loaded, self.target, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
                                     block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-                                    cache_dir=cache_dir, donate_weights=True)  # the model is ours alone
+                                    cache_dir=cache_dir, enforce_eager=enforce_eager,
+                                    donate_weights=True)  # the model is ours alone
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "LLM":

@@ -12,10 +12,11 @@ import torch
 from torch import Tensor, nn
 
 
-def make_kv_cache(config, num_blocks: int, block_size: int = 16, dtype=torch.float32) -> Tensor:
+def make_kv_cache(config, num_blocks: int, block_size: int = 16, dtype=torch.float32, device="cpu") -> Tensor:
     """A zeroed paged cache `[L, 2, NB, BS, Hkv, D]` for a Llama or GPT-2 config."""
     heads, head_dim = config.kv_heads, config.dim_per_head
-    return torch.zeros(config.num_hidden_layers, 2, num_blocks, block_size, heads, head_dim, dtype=dtype)
+    return torch.zeros(config.num_hidden_layers, 2, num_blocks, block_size, heads, head_dim, dtype=dtype,
+                       device=device)
 
 
 @dataclass(frozen=True)

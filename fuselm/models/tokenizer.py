@@ -83,6 +83,17 @@ class Tokenizer:
                    extra_eos_token_ids=generation_eos_token_ids(directory))
 
     @classmethod
+    def of_numbered_words(cls, vocab_size: int, eos_token_id: int = 2) -> "Tokenizer":
+        """A tokenizer for random-weight models: token i is the word `t<i>` (no files needed)."""
+        from tokenizers import Tokenizer as Backend
+        from tokenizers.models import WordLevel
+        from tokenizers.pre_tokenizers import WhitespaceSplit
+
+        backend = Backend(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+        backend.pre_tokenizer = WhitespaceSplit()
+        return cls(backend, special_tokens={"eos_token": f"t{eos_token_id}"})
+
+    @classmethod
     def from_gguf(cls, reader) -> "Tokenizer":
         """A tokenizer from the `tokenizer.ggml.*` metadata of an open `gguf.GGUFReader`."""
         metadata = GGUFTokenizerMetadata.read(reader)

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..api import cores_owned_by_kernels
+from ..api import cores_owned_by_kernels, target_device
 from ..sampling_params import SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheManager, free_memory_budget, kv_bytes_per_token, num_blocks_for_budget
@@ -52,20 +52,22 @@ class LLMEngine:
                  max_num_seqs: int = 16, max_num_batched_tokens: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, cache_dir: Optional[str] = None, forward=None,
-                 donate_weights: bool = False):
+                 donate_weights: bool = False, enforce_eager: bool = False):
         if loaded.tokenizer is None:
             raise ValueError(f"{loaded.source} has no tokenizer; the engine needs one")
         self.config, self.tokenizer, self.target = loaded.config, loaded.tokenizer, target
         self.max_model_len = _check_max_model_len(max_model_len, self.config)
         _check_positive(max_num_seqs=max_num_seqs, block_size=block_size)
         dtype = next(loaded.model.parameters()).dtype
-        device = "cuda" if target == "cuda" else "cpu"
+        device = target_device(target)
         forward = forward or compile_lm(loaded, target, block_size, dtype, cache_dir, donate_weights)
         if donate_weights:
             release_module_weights(loaded.model)
         num_blocks = self._num_blocks(kv_cache_bytes, max_num_seqs, block_size, dtype, device)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(forward, self.config, self.kv, device, dtype)
+        if target == "cuda" and not enforce_eager:  # decode steps replay CUDA graphs
+            self.runner.use_decode_graphs(max_num_seqs, self.max_model_len, capture=device.type == "cuda")
         budget = max_num_batched_tokens or max(2048, max_num_seqs)
         _check_positive(max_num_batched_tokens=budget)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, budget, self.max_model_len), self.kv)
@@ -78,7 +80,7 @@ class LLMEngine:
     def _num_blocks(self, kv_cache_bytes, max_num_seqs, block_size, dtype, device) -> int:
         """cpu: room for max_num_seqs full contexts; cuda: a fraction of free memory."""
         if kv_cache_bytes is None:
-            if device == "cuda":
+            if device.type == "cuda":
                 kv_cache_bytes = free_memory_budget(CUDA_MEMORY_FRACTION, device)
             else:
                 blocks_per_seq = -(-self.max_model_len // block_size)
@@ -314,7 +316,7 @@ def compile_lm(loaded, target: str, block_size: int, dtype: torch.dtype, cache_d
     from ..models.contract import capture_example
 
     example, dynamic = capture_example(loaded.config, block_size=block_size, dtype=dtype)
-    device = "cuda" if target == "cuda" else "cpu"
+    device = target_device(target)
     model = loaded.model.to(device)
     example = tuple(t.to(device) for t in example)
     with without_triton() if target == "cpu" else contextlib.nullcontext():

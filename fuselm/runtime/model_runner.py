@@ -7,14 +7,18 @@ batch holds the tokens at positions `start .. start + num_new - 1`, packed back 
 row per request is its last new token (only the rows of requests that complete are
 sampled; a partial prefill chunk's row is computed and dropped, which keeps the
 lm_head's row count equal to the sequence count).
+
+With `decode_graphs` (cuda), a batch in which every request adds one token replays the
+captured forward of its batch-size bucket instead (cuda_graphs.py).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ..models.contract import LMInputs, make_kv_cache
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCacheManager
 
 
@@ -23,15 +27,37 @@ class ModelRunner:
         self.forward = forward
         self.kv = kv
         self.device = torch.device(device)
-        self.kv_cache = make_kv_cache(config, kv.num_blocks, kv.block_size, dtype).to(self.device)
+        self.kv_cache = make_kv_cache(config, kv.num_blocks, kv.block_size, dtype, self.device)
+        self.decode_graphs: Optional[DecodeGraphs] = None
+
+    def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
+        """Replay decode-only steps from graphs captured for each batch bucket (now)."""
+        max_blocks = -(-max_model_len // self.kv.block_size)
+        self.decode_graphs = DecodeGraphs(self.forward, self.kv_cache, max_num_seqs, max_blocks, capture)
+        self.decode_graphs.capture_all()
 
     def execute(self, scheduled: list, block_copies: list) -> torch.Tensor:
         """fp32 logits `[len(scheduled), vocab]`, row i for scheduled[i]'s last new token."""
         self.copy_blocks(block_copies)
+        if self.decode_graphs is not None and self._is_decode(scheduled):
+            return self._replay_decode(scheduled).float()
         inputs = self.prepare_inputs(scheduled)
         out = self.forward(*inputs.as_tuple())
         logits = out[0] if isinstance(out, tuple) else out
         return logits.float()
+
+    def _is_decode(self, scheduled: list) -> bool:
+        return all(item.num_new == 1 for item in scheduled) and self.decode_graphs.bucket(len(scheduled)) is not None
+
+    def _replay_decode(self, scheduled: list) -> torch.Tensor:
+        token_ids, positions, slots, tables = [], [], [], []
+        for item in scheduled:
+            request_id, position = item.request.request_id, item.start
+            token_ids.append(item.request.all_token_ids[position])
+            positions.append(position)
+            slots += self.kv.slots(request_id, position, position + 1)
+            tables.append(self.kv.block_table(request_id))
+        return self.decode_graphs.run(token_ids, positions, slots, tables)
 
     def copy_blocks(self, block_copies: list) -> None:
         """Copy-on-write: a shared block is copied before a request writes into it."""

@@ -6,7 +6,8 @@ bias and residual loads, activations, and `gated_silu`, for which each program k
 two accumulators, the gate columns n and the up columns N + n of the same weight, and
 combines them as silu(gate) * up before anything is stored. M (x's leading dims,
 flattened) is a launch-time size; the host wrapper picks a small-M (GEMV-like) tile, a
-medium one or a large one by M, so one kernel serves every token count.
+medium one or a large one by M, so one kernel serves every token count; on a GPU the
+small and medium rows hold several candidates and the fastest is measured (tuning.py).
 """
 from __future__ import annotations
 
@@ -18,21 +19,36 @@ from .module import OMIT, GeneratedKernel, drop_omitted, optional, torch_dtype_n
 
 OPS = ("gemm",)
 
-# (largest M, tile) rows, first match wins; fp32 tiles are smaller (no tensor-core TF32).
+# (largest M, candidate tiles) rows; the first row whose limit admits M is used. On a GPU
+# the fastest candidate is measured once per shape and power-of-two M (tuning.py): for
+# decode the best tile depends on the card and on how many programs N / BLOCK_N makes.
+# Elsewhere the first candidate runs. fp32 tiles are smaller (no tensor-core TF32).
+_SMALL = dict(BLOCK_M=16, GROUP_M=1)
 _CONFIGS = {
     "half": [
-        (16, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)),
-        (64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)),
-        (None, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)),
+        (16, [dict(_SMALL, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
+              dict(_SMALL, BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4),
+              dict(_SMALL, BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3),
+              dict(_SMALL, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+              dict(_SMALL, BLOCK_N=32, BLOCK_K=512, num_warps=8, num_stages=3)]),
+        (64, [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+              dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+              dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)]),
+        (None, [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]),
     ],
     "gated_half": [  # two accumulators per program: half the columns
-        (16, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)),
-        (64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)),
-        (None, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)),
+        (16, [dict(_SMALL, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
+              dict(_SMALL, BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4),
+              dict(_SMALL, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3),
+              dict(_SMALL, BLOCK_N=16, BLOCK_K=512, num_warps=8, num_stages=3)]),
+        (64, [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+              dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+              dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)]),
+        (None, [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]),
     ],
     "f32": [
-        (16, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)),
-        (None, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)),
+        (16, [dict(_SMALL, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)]),
+        (None, [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)]),
     ],
 }
 
@@ -52,7 +68,7 @@ def generate(node: Node) -> GeneratedKernel:
         name += f"_w{w.dtype}"
     configs = _CONFIGS["f32" if x.dtype == "f32" else ("gated_half" if epilogue.gated else "half")]
     body = drop_omitted("\n\n".join(
-        [mma_source(x.dtype)]
+        ["from fuselm.codegen.triton.tuning import fastest_config, power_of_two_bucket", mma_source(x.dtype)]
         + [ACTIVATIONS[a] for a in IR_ACTIVATIONS if a in steps or (a == "silu" and epilogue.gated)]
         + [_kernel(name, epilogue, x.dtype != w.dtype), _launch(name, epilogue, configs, torch_dtype_name(node.type.dtype))]
     ))
@@ -157,17 +173,20 @@ def {name}_kernel(
 
 def _launch(name: str, epilogue: Epilogue, configs: list, out_dtype: str) -> str:
     extras = epilogue.params
+    extra_args = "".join(", " + p for p in extras)
     flatten = [f"    {p} = {p}.expand(out.shape).reshape(-1, N)" for p in extras if p.startswith("residual")]
     strides = [f"{p}.stride(0)" if p.startswith("bias") else f"{p}.stride(0), {p}.stride(1)" for p in extras]
-    table = "\n".join(f"    ({limit}, {cfg})," for limit, cfg in configs)
-    return f'''# (largest M, tile and launch options): the first row whose limit admits M is used
+    table = "\n".join(f"    ({limit}, [\n" + "".join(f"        {cfg},\n" for cfg in candidates) + "    ]),"
+                      for limit, candidates in configs)
+    return f'''# (largest M, candidate tiles): the first row whose limit admits M is used; on a GPU the
+# fastest candidate is timed once per power-of-two M (fuselm's tuning.py), elsewhere the first
 CONFIGS = [
 {table}
 ]
 
 
-def launch(x, w{"".join(", " + p for p in extras)}):
-    """out[..., N] = epilogue(x[..., K] @ w^T): checks, allocates, launches."""
+def launch(x, w{extra_args}):
+    """out[..., N] = epilogue(x[..., K] @ w^T): checks, allocates, picks the tile, launches."""
     K = x.shape[-1]
     N = w.shape[0]{" // 2" if epilogue.gated else ""}
     assert w.dim() == 2 and w.shape[1] == K{" and w.shape[0] % 2 == 0" if epilogue.gated else ""}, f"x {{tuple(x.shape)}} and w {{tuple(w.shape)}} disagree"
@@ -178,13 +197,21 @@ def launch(x, w{"".join(", " + p for p in extras)}):
         return out
 {chr(10).join(flatten) or OMIT}
     out2d = out.view(-1, N)
-    cfg = next(cfg for limit, cfg in CONFIGS if limit is None or M <= limit)
+    candidates = next(candidates for limit, candidates in CONFIGS if limit is None or M <= limit)
+    shape = ("{name}", power_of_two_bucket(M), N, K)
+    cfg = fastest_config(shape, candidates, lambda cfg: launch_tile(cfg, x, w, out2d{extra_args}))
+    launch_tile(cfg, x, w, out2d{extra_args})
+    return out
+
+
+def launch_tile(cfg, x, w, out2d{extra_args}):
+    """One launch with the tile and launch options `cfg`."""
+    (M, K), N = x.shape, out2d.shape[1]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     {name}_kernel[grid](
-        x, w, out2d{"".join(", " + p for p in extras)},
+        x, w, out2d{extra_args},
         M, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out2d.stride(0), out2d.stride(1){"".join(", " + s for s in strides)},
         UPCAST=INTERPRETED and x.dtype == torch.bfloat16, **cfg,
     )
-    return out
 '''
