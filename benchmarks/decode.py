@@ -446,7 +446,9 @@ def report_cuda(settings: Settings, fuselm: dict, anchor: Optional[dict]) -> Non
         print(f"  bandwidth floor, 1.1B bf16 at batch 1: {floor:.0f} tok/s"
               + (f"; fuselm at {share:.0%} of it (target >= 75%: {verdict(share >= 0.75)})" if share else ""))
     if "single_eager" in fuselm:
-        print(f"  batch 1 without CUDA graphs (enforce_eager): {fuselm['single_eager']['decode_tok_s']:.1f} tok/s")
+        graphed, eager = fuselm["single"]["token_ids"], fuselm["single_eager"]["token_ids"]
+        print(f"  batch 1 without CUDA graphs (enforce_eager): {fuselm['single_eager']['decode_tok_s']:.1f} tok/s; "
+              f"greedy tokens with and without graphs: first {leading_agreement(graphed, eager)} of {len(graphed)} identical")
     for key in (k for k in fuselm if k.startswith("profile_B")):
         profile = fuselm[key]
         if "error" in profile:

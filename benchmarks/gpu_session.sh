@@ -1,8 +1,9 @@
 #!/bin/bash
 # Everything a lent GPU is for, in one call of a few minutes (device time is scarce):
-#   1. the tests that only mean something on a GPU (CUDA-graph capture and replay), natively;
-#   2. benchmarks/decode.py on the 1.1B TinyLlama shape, with gpu_anchor.py's torch
+#   1. benchmarks/decode.py on the 1.1B TinyLlama shape, with gpu_anchor.py's torch
 #      baseline (ceilings + static-cache Llama, eager and torch.compile) in the same call;
+#   2. the tests that mean more on a GPU, natively: CUDA-graph capture and replay, and
+#      every gemm tile candidate the timing may pick;
 #   3. benchmarks/decode.py on the SmolLM2 shape (ANCHORS.md's torch.compile figure is the peer).
 # Run from the checkout's root with gpu_anchor.py copied to .anchor/ (git-ignored, carried):
 #   device run: bash benchmarks/gpu_session.sh   (carry [".anchor"])
@@ -23,11 +24,11 @@ stage() {  # stage NAME SECONDS COMMAND...
     echo "== $name exit $? ($(date +%T))"
 }
 
-stage tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
-tail -n 15 "$OUT/tests.log"
-stage decode_tinyllama 330 python3 benchmarks/decode.py --target cuda --shape tinyllama --anchor .anchor/gpu_anchor.py
-stage decode_smollm2 110 python3 benchmarks/decode.py --target cuda --shape smollm2 --no-anchor
+stage decode_tinyllama 240 python3 benchmarks/decode.py --target cuda --shape tinyllama --anchor .anchor/gpu_anchor.py
+stage tests 170 python3 -m pytest -q -x -p no:cacheprovider -p no:logging --durations=8 tests/test_cuda_graphs.py tests/test_gemm_tiles.py
+tail -n 25 "$OUT/tests.log"
+stage decode_smollm2 100 python3 benchmarks/decode.py --target cuda --shape smollm2 --no-anchor
 for name in decode_tinyllama decode_smollm2; do
     echo "== $name"
-    grep -v -E "^(DEBUG|W[0-9]|I[0-9])" "$OUT/$name.log" | tail -n 60
+    grep -v -E "^(DEBUG|W[0-9]|I[0-9])" "$OUT/$name.log" | grep -v "tuned tile" | tail -n 45
 done

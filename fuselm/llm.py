@@ -66,7 +66,7 @@ class LLM:
         """One RequestOutput per prompt, in order. Every request is validated before any runs."""
         prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
         params = _params_per_prompt(sampling_params, len(prompts))
-        requests = [self.engine.make_request(p, sp, None) for p, sp in zip(prompts, params)]
+        requests = [self.engine.make_request(p, sp, None, final_output_only=True) for p, sp in zip(prompts, params)]
         for request in requests:
             self.engine.enqueue(request)
         finished: dict = {}

@@ -48,8 +48,10 @@ def test_static_inputs_pad_a_step_to_its_bucket():
     assert step.context_lens.tolist() == [6, 1, 9, 1]
     assert step.cu_seqlens_q.tolist() == [0, 1, 2, 3, 4]
     assert step.logits_indices.tolist() == [0, 1, 2, 3]
-    static.fill([4], [1], [9], [[2]], batch=1)  # a smaller step leaves no stale table row behind
-    assert static.view(4).block_tables.tolist()[2] == [0, 0, 0]
+    static.fill([4], [1], [9], [[2]], batch=2)  # a smaller step: padding from row 1 on
+    step = static.view(2)
+    assert step.input_ids.tolist() == [4, 0] and step.slot_mapping.tolist() == [9, PADDING_SLOT]
+    assert step.context_lens.tolist() == [2, 1] and step.block_tables[0, 0] == 2
     with pytest.raises(ValueError, match="exceeds the captured width 3"):
         static.fill([1], [0], [0], [[1, 2, 3, 4]], batch=1)
     with pytest.raises(ValueError, match="do not fit a decode batch of 2"):

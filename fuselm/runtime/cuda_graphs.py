@@ -38,50 +38,62 @@ def batch_buckets(max_num_seqs: int) -> list:
 
 
 class StaticDecodeInputs:
-    """Device buffers of the contract's inputs for `max_batch` one-token sequences, filled
-    from host lists with two copies (one per index dtype)."""
+    """Device buffers of the contract's inputs for `max_batch` one-token sequences, and
+    host mirrors (pinned on cuda) that a step fills in place and sends with two copies.
+
+    Only what changes is written: a row's block table is overwritten from its start, and
+    entries past a sequence's blocks may be stale (the attention kernels read only the
+    blocks that hold its context), so a table row is not cleared between steps."""
 
     def __init__(self, kv_cache: torch.Tensor, max_batch: int, max_blocks: int):
         device = kv_cache.device
         self.kv_cache, self.max_batch, self.max_blocks = kv_cache, max_batch, max_blocks
+        self._tables_end = max_batch * max_blocks
+        self._lens_end = self._tables_end + max_batch
         # rows: input_ids, positions, slot_mapping, logits_indices
         self.int64 = torch.zeros(4, max_batch, dtype=torch.int64, device=device)
         # block tables [max_batch * max_blocks], context lens [max_batch], cu_seqlens [max_batch + 1]
-        self.int32 = torch.zeros(max_batch * max_blocks + 2 * max_batch + 1, dtype=torch.int32, device=device)
+        self.int32 = torch.zeros(self._lens_end + max_batch + 1, dtype=torch.int32, device=device)
+        pinned = device.type == "cuda"
+        self._host64 = torch.zeros(self.int64.shape, dtype=torch.int64, pin_memory=pinned)
+        self._host32 = torch.zeros(self.int32.shape, dtype=torch.int32, pin_memory=pinned)
+        host64, host32 = self._host64.numpy(), self._host32.numpy()
+        self._token_ids, self._positions, self._slots, logits_indices = host64
+        logits_indices[:] = range(max_batch)  # one logits row per sequence
+        self._tables = host32[:self._tables_end].reshape(max_batch, max_blocks)
+        self._context_lens = host32[self._tables_end:self._lens_end]
+        host32[self._lens_end:] = range(max_batch + 1)  # cu_seqlens: one token per sequence
         self.fill([], [], [], [], batch=max_batch)
 
     def view(self, batch: int) -> LMInputs:
         """The inputs of a `batch`-sequence decode step: views of the first rows."""
-        tables_end = self.max_batch * self.max_blocks
-        lens_end = tables_end + self.max_batch
         return LMInputs(
             input_ids=self.int64[0, :batch],
             positions=self.int64[1, :batch],
             kv_cache=self.kv_cache,
             slot_mapping=self.int64[2, :batch],
-            block_tables=self.int32[:tables_end].view(self.max_batch, self.max_blocks)[:batch],
-            context_lens=self.int32[tables_end:lens_end][:batch],
-            cu_seqlens_q=self.int32[lens_end:][:batch + 1],
+            block_tables=self.int32[:self._tables_end].view(self.max_batch, self.max_blocks)[:batch],
+            context_lens=self.int32[self._tables_end:self._lens_end][:batch],
+            cu_seqlens_q=self.int32[self._lens_end:][:batch + 1],
             logits_indices=self.int64[3, :batch],
         )
 
     def fill(self, token_ids: list, positions: list, slots: list, tables: list, batch: int) -> None:
         """Write n sequences' inputs (one new token each) and pad them to `batch` rows."""
-        n, pad = len(token_ids), batch - len(token_ids)
+        n = len(token_ids)
         if not n <= batch <= self.max_batch:
             raise ValueError(f"{n} sequences do not fit a decode batch of {batch} (at most {self.max_batch})")
-        int64 = torch.tensor([token_ids + [0] * pad, positions + [0] * pad, slots + [PADDING_SLOT] * pad,
-                              list(range(batch))], dtype=torch.int64)
-        table_rows = torch.zeros(self.max_batch, self.max_blocks, dtype=torch.int32)
         for row, table in enumerate(tables):
             if len(table) > self.max_blocks:
                 raise ValueError(f"a block table of {len(table)} blocks exceeds the captured width {self.max_blocks}")
-            table_rows[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
-        lens = torch.ones(self.max_batch, dtype=torch.int32)  # padding rows see one position of block 0
-        lens[:n] = torch.tensor(positions, dtype=torch.int32) + 1
-        cu_seqlens = torch.arange(self.max_batch + 1, dtype=torch.int32)
-        self.int64[:, :batch].copy_(int64, non_blocking=True)
-        self.int32.copy_(torch.cat([table_rows.flatten(), lens, cu_seqlens]), non_blocking=True)
+            self._tables[row, :len(table)] = table
+        self._token_ids[:n], self._token_ids[n:batch] = token_ids, 0
+        self._positions[:n], self._positions[n:batch] = positions, 0
+        self._slots[:n], self._slots[n:batch] = slots, PADDING_SLOT  # padding rows write nothing
+        self._context_lens[:n] = self._positions[:n] + 1
+        self._context_lens[n:batch] = 1  # padding rows see one position of their table's first block
+        self.int64.copy_(self._host64, non_blocking=True)
+        self.int32.copy_(self._host32, non_blocking=True)
 
 
 class DecodeGraphs:

@@ -34,6 +34,10 @@ string, since the next token may complete the match and the stop string must not
 sent. `text` never ends in a partial character, so the stream never shows U+FFFD for one.
 `flush()` ends the request: bytes that never completed a character are decoded as U+FFFD
 (as a full decode spells them) and everything not yet sent is returned.
+
+`deferred=True` (a request with no stop strings whose text nobody reads before it ends,
+as in `generate`) decodes nothing per token: `flush` decodes the whole output once, the
+same text as the chunks would have made.
 """
 from __future__ import annotations
 
@@ -47,10 +51,11 @@ class IncrementalDetokenizer:
     """One request's output text, built token by token, cut at the first stop string."""
 
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int], *, skip_special_tokens: bool = True,
-                 stop: Sequence[str] = (), include_stop_str_in_output: bool = False):
+                 stop: Sequence[str] = (), include_stop_str_in_output: bool = False, deferred: bool = False):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(dict.fromkeys(s for s in stop if s))
+        self.deferred = deferred and not self.stop
         self.include_stop_str_in_output = include_stop_str_in_output
         self.text = ""
         self.stop_string: Optional[str] = None  # the stop string that ended the request
@@ -72,6 +77,8 @@ class IncrementalDetokenizer:
         if self.finished:
             raise RuntimeError("the request has ended (stop string or flush): no more tokens")
         self._ids.append(token_id)
+        if self.deferred:
+            return None
         new_text = self._decode_new_text(final=False)
         return self._append_text(new_text) if new_text else None
 

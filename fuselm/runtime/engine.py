@@ -104,7 +104,10 @@ class LLMEngine:
         self.scheduler.add(request)
         return request.request_id
 
-    def make_request(self, prompt, params: Optional[SamplingParams], request_id: Optional[str]) -> Request:
+    def make_request(self, prompt, params: Optional[SamplingParams], request_id: Optional[str],
+                     final_output_only: bool = False) -> Request:
+        """A validated request. `final_output_only`: `step` reports it once, when it ends (and
+        its text is decoded then, unless stop strings need it token by token)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -115,13 +118,15 @@ class LLMEngine:
         max_tokens = self.check_length(len(token_ids), params)
         sampling = SamplingState.create(params, token_ids, self.tokenizer.eos_token_ids)
         return Request(request_id, text, list(token_ids), params, sampling,
-                       self.new_detokenizer(token_ids, params), max_tokens,
-                       output_token_ids=sampling.output_token_ids)
+                       self.new_detokenizer(token_ids, params, final_output_only), max_tokens,
+                       output_token_ids=sampling.output_token_ids, final_output_only=final_output_only)
 
-    def new_detokenizer(self, prompt_token_ids, params: SamplingParams) -> IncrementalDetokenizer:
+    def new_detokenizer(self, prompt_token_ids, params: SamplingParams,
+                        final_output_only: bool = False) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
-            stop=params.stop or (), include_stop_str_in_output=params.include_stop_str_in_output)
+            stop=params.stop or (), include_stop_str_in_output=params.include_stop_str_in_output,
+            deferred=final_output_only)
 
     def tokenize(self, prompt) -> tuple:
         if isinstance(prompt, str):
@@ -219,37 +224,42 @@ class LLMEngine:
     def _sample_and_advance(self, logits: torch.Tensor, completing: list) -> list:
         if not completing:
             return []
-        rows = torch.tensor([row for row, _ in completing], device=logits.device)
+        rows = [row for row, _ in completing]
         requests = [request for _, request in completing]
+        if rows == list(range(len(logits))):  # every row (decode): no gather
+            sampling_logits = logits
+        else:
+            sampling_logits = logits[torch.tensor(rows, device=logits.device)]
         try:
-            sampled = self.sampler(logits[rows], [r.sampling for r in requests])
+            sampled = self.sampler(sampling_logits, [r.sampling for r in requests])
         except Exception:  # noqa: BLE001 - sample one by one to find the failing request
-            return [self._advance_alone(logits[row], request) for row, request in completing]
-        outputs = []
-        for request, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs):
-            outputs.append(self._advance(request, token, logprobs))
-        return outputs
+            outputs = [self._advance_alone(logits[row], request) for row, request in completing]
+        else:
+            outputs = [self._advance(request, token, logprobs)
+                       for request, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs)]
+        return [output for output in outputs if output is not None]
 
-    def _advance_alone(self, logits_row: torch.Tensor, request: Request) -> RequestOutput:
+    def _advance_alone(self, logits_row: torch.Tensor, request: Request) -> Optional[RequestOutput]:
         try:
             sampled = self.sampler(logits_row[None], [request.sampling])
         except Exception as err:  # noqa: BLE001 - the request ends with the message
             return self._fail(request, f"sampling failed: {err!r}")
         return self._advance(request, sampled.token_ids[0], sampled.logprobs[0])
 
-    def _advance(self, request: Request, token: int, logprobs) -> RequestOutput:
-        """Append a sampled token, then finish the request if a stop condition holds."""
+    def _advance(self, request: Request, token: int, logprobs) -> Optional[RequestOutput]:
+        """Append a sampled token, then finish the request if a stop condition holds. The
+        output, or None for a running request that reports only its end."""
         try:
             request.append_token(token, logprobs)
             stop_string = request.detokenizer.add_token(token)
             self._check_stop(request, token, stop_string)
-            piece = request.detokenizer.stream_piece()
+            piece = "" if request.final_output_only else request.detokenizer.stream_piece()
         except Exception as err:  # noqa: BLE001 - the request ends with the message
             return self._fail(request, f"{type(err).__name__}: {err}")
         if request.finished:
             self.scheduler.finish(request)
             return self._retire(request, piece + request.detokenizer.flush())
-        return request.output(piece)
+        return None if request.final_output_only else request.output(piece)
 
     def _check_stop(self, request: Request, token: int, stop_string: Optional[str]) -> None:
         params = request.params
@@ -279,13 +289,13 @@ class LLMEngine:
         keep = num_tokens - len(request.prompt_token_ids)
         if keep < 0:
             raise ValueError(f"cannot truncate into the prompt ({len(request.prompt_token_ids)} tokens)")
-        del request.output_token_ids[keep:]
-        del request.logprobs[keep:]
+        request.truncate_output(keep)
         request.num_computed = min(request.num_computed, num_tokens)
         if self.kv.has(request.request_id):
             self.kv.truncate(request.request_id, request.num_computed)
         if not request.finished:  # it goes on: its text restarts from the kept tokens
-            request.detokenizer = self.new_detokenizer(request.prompt_token_ids, request.params)
+            request.detokenizer = self.new_detokenizer(request.prompt_token_ids, request.params,
+                                                       request.final_output_only)
             for token in request.output_token_ids:
                 request.detokenizer.add_token(token)
 

@@ -173,6 +173,8 @@ class KVCacheManager:
         Returns the (src_block, dst_block) copies to apply to the cache before writing,
         or None, changing nothing, when the free list is too short.
         """
+        if self._writes_own_fresh_block(seq_id, num_computed, num_new):
+            return []  # the decode step's common case: nothing to take, copy or forget
         if self.blocks_needed(seq_id, num_computed, num_new) > self.num_free_blocks:
             return None
         seq = self._seqs.setdefault(seq_id, _SeqBlocks())
@@ -182,6 +184,15 @@ class KVCacheManager:
         while len(seq.table) < self._blocks_for(num_computed + num_new):
             seq.table.append(self._pop_free_block())
         return copies
+
+    def _writes_own_fresh_block(self, seq_id, num_computed: int, num_new: int) -> bool:
+        """One new token into a block the sequence holds alone, with no hash registered."""
+        seq = self._seqs.get(seq_id)
+        if seq is None or num_new != 1 or num_computed >= len(seq.table) * self.block_size:
+            return False
+        index = num_computed // self.block_size
+        block = self._blocks[seq.table[index]]
+        return block.ref_count == 1 and block.hash is None and len(seq.block_hashes) <= index
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -67,10 +67,16 @@ class Request:
     stop_reason: object = None
     error: Optional[str] = None
     num_preemptions: int = 0
+    final_output_only: bool = False  # no per-step outputs: `generate` wants the end alone
+    _all_token_ids: list = field(init=False, repr=False)  # prompt + output, kept in step
+
+    def __post_init__(self):
+        self._all_token_ids = self.prompt_token_ids + self.output_token_ids
 
     @property
     def all_token_ids(self) -> list:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt and output token ids (read only: the request keeps it up to date)."""
+        return self._all_token_ids
 
     @property
     def num_tokens(self) -> int:
@@ -86,8 +92,15 @@ class Request:
 
     def append_token(self, token_id: int, logprobs: Optional[TokenLogprobs]) -> None:
         self.output_token_ids.append(token_id)  # the same list as self.sampling's
+        self._all_token_ids.append(token_id)
         if self.params.logprobs is not None:
             self.logprobs.append(logprobs)
+
+    def truncate_output(self, keep: int) -> None:
+        """Keep the first `keep` output tokens (and their logprobs)."""
+        del self.output_token_ids[keep:]
+        del self.logprobs[keep:]
+        del self._all_token_ids[len(self.prompt_token_ids) + keep:]
 
     def output(self, new_text: str = "") -> RequestOutput:
         return RequestOutput(

@@ -23,34 +23,55 @@ OPS = ("gemm",)
 # the fastest candidate is measured once per shape and power-of-two M (tuning.py): for
 # decode the best tile depends on the card and on how many programs N / BLOCK_N makes.
 # Elsewhere the first candidate runs. fp32 tiles are smaller (no tensor-core TF32).
-_SMALL = dict(BLOCK_M=16, GROUP_M=1)
+_SMALL = dict(BLOCK_M=16, GROUP_M=1, DOT=True)
+# GEMV tiles for decode: a few rows, multiply-and-sum (tl.dot needs 16 rows and columns), so
+# narrow column blocks give enough programs to keep every SM's loads in flight
+_GEMV = dict(GROUP_M=1, DOT=False)
 _CONFIGS = {
     "half": [
         (16, [dict(_SMALL, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
               dict(_SMALL, BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4),
               dict(_SMALL, BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3),
               dict(_SMALL, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-              dict(_SMALL, BLOCK_N=32, BLOCK_K=512, num_warps=8, num_stages=3)]),
-        (64, [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-              dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
-              dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)]),
-        (None, [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]),
+              dict(_SMALL, BLOCK_N=32, BLOCK_K=512, num_warps=8, num_stages=3),
+              dict(_GEMV, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=4),
+              dict(_GEMV, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=3),
+              dict(_GEMV, BLOCK_M=4, BLOCK_N=8, BLOCK_K=256, num_warps=4, num_stages=4)]),
+        (64, [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, DOT=True),
+              dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, DOT=True),
+              dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3, DOT=True)]),
+        (None, [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, DOT=True)]),
     ],
     "gated_half": [  # two accumulators per program: half the columns
         (16, [dict(_SMALL, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
               dict(_SMALL, BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4),
               dict(_SMALL, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3),
-              dict(_SMALL, BLOCK_N=16, BLOCK_K=512, num_warps=8, num_stages=3)]),
-        (64, [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
-              dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
-              dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)]),
-        (None, [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]),
+              dict(_SMALL, BLOCK_N=16, BLOCK_K=512, num_warps=8, num_stages=3),
+              dict(_GEMV, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=3),
+              dict(_GEMV, BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, num_warps=4, num_stages=4)]),
+        (64, [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, DOT=True),
+              dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, DOT=True),
+              dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3, DOT=True)]),
+        (None, [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, DOT=True)]),
     ],
     "f32": [
-        (16, [dict(_SMALL, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)]),
-        (None, [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)]),
+        (16, [dict(_SMALL, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3),
+              dict(_GEMV, BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, num_warps=4, num_stages=3)]),
+        (None, [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2, DOT=True)]),
     ],
 }
+
+
+TILE_PRODUCT = '''@triton.jit
+def tile_product(a, b, acc, UPCAST: tl.constexpr, DOT: tl.constexpr):
+    """acc + a @ b in fp32: on the tensor cores (DOT), or as a broadcast multiply and sum
+    over K, for the GEMV tiles of decode that tl.dot cannot take (under 16 rows or columns)."""
+    if DOT:
+        acc = mma(a, b, acc, UPCAST)
+    else:
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    return acc
+'''
 
 
 def generate(node: Node) -> GeneratedKernel:
@@ -68,7 +89,8 @@ def generate(node: Node) -> GeneratedKernel:
         name += f"_w{w.dtype}"
     configs = _CONFIGS["f32" if x.dtype == "f32" else ("gated_half" if epilogue.gated else "half")]
     body = drop_omitted("\n\n".join(
-        ["from fuselm.codegen.triton.tuning import fastest_config, power_of_two_bucket", mma_source(x.dtype)]
+        ["from fuselm.codegen.triton.tuning import fastest_config, power_of_two_bucket", mma_source(x.dtype),
+         TILE_PRODUCT]
         + [ACTIVATIONS[a] for a in IR_ACTIVATIONS if a in steps or (a == "silu" and epilogue.gated)]
         + [_kernel(name, epilogue, x.dtype != w.dtype), _launch(name, epilogue, configs, torch_dtype_name(node.type.dtype))]
     ))
@@ -131,7 +153,7 @@ def {name}_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on{"".join(", " + s for s in strides)},
     # tile
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile per program; programs walk M in groups of GROUP_M."""
     pid = tl.program_id(axis=0)
@@ -157,10 +179,10 @@ def {name}_kernel(
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         {optional(cast_w, "w = w.to(x.dtype)")}
-        acc = mma(x, w, acc, UPCAST)
+        acc = tile_product(x, w, acc, UPCAST, DOT)
         {optional(epilogue.gated, "w_up = tl.load(w_ptrs + N * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)")}
         {optional(epilogue.gated and cast_w, "w_up = w_up.to(x.dtype)")}
-        {optional(epilogue.gated, "acc_up = mma(x, w_up, acc_up, UPCAST)")}
+        {optional(epilogue.gated, "acc_up = tile_product(x, w_up, acc_up, UPCAST, DOT)")}
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
