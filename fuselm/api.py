@@ -17,6 +17,7 @@ import torch
 
 from .codegen.cache import KernelCache
 from .codegen.dump import write_kernel_dump
+from .codegen.memory import kernel_ready
 from .errors import FuselmError
 from .frontend import capture
 from .ir.graph import Graph
@@ -87,6 +88,13 @@ def check_target(target: str) -> None:
                           "or set TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter")
 
 
+def _progress(items: list, description: str):
+    """A progress bar on an interactive terminal (the CLI's first compile); silent otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, unit="kernel", leave=False, disable=None)
+
+
 def target_device(target: str) -> torch.device:
     """Where a target's tensors live: the GPU for cuda, or the cpu (also for cuda kernels
     run by Triton's interpreter when no GPU is visible)."""
@@ -107,9 +115,12 @@ def compile(model: torch.nn.Module, example_inputs, target: str = "cpu", dynamic
     with torch.no_grad():
         graph = run_passes(capture(model.eval(), example_inputs, dynamic), pipeline(target, donate_weights),
                            dump_dir=dump_dir)
+    if target == "cpu":  # TVM's kernels read weights with aligned vector loads: copy any that are not
+        graph.constants.update({name: kernel_ready(t) for name, t in graph.constants.items()})
     steps = partition(graph)
     cache = KernelCache(target, cache_dir)
-    launches = [(step, cache.kernel(step.graph)) for step in steps if isinstance(step, KernelGroup)]
+    groups = [step for step in steps if isinstance(step, KernelGroup)]
+    launches = [(group, cache.kernel(group.graph)) for group in _progress(groups, f"fuselm: {target} kernels")]
     if dump_dir:
         write_kernel_dump(dump_dir, graph, launches)
     return CompiledModule(graph, steps, launches, target)

@@ -107,3 +107,44 @@ def test_decoders_compiled_for_cpu_match_eager(model_type, tmp_path):
         assert_runs_like_eager(compiled, config, model, prompts)
     assert kernel_cache.stats["codegen_runs"] == generated  # new lengths, no new kernels
     assert all(k.source_path.endswith(".tir") for k in compiled.kernels)
+
+
+class NormGatedBlock(torch.nn.Module):
+    """Elementwise, LayerNorm, RMSNorm, a gemm with a residual: one of each cpu kernel kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.rms, self.proj = torch.nn.LayerNorm(32), torch.nn.RMSNorm(32), torch.nn.Linear(32, 32)
+
+    def forward(self, x, y):
+        h = self.rms(self.norm(x + y)) * torch.sigmoid(x)
+        return self.proj(h) + y
+
+
+def test_cpu_kernels_take_misaligned_and_strided_inputs(tmp_path):
+    """TVM's code assumes 64-byte aligned, compact buffers: views at odd offsets and strided
+    views are copied before the call (once they faulted), and the results equal eager."""
+    torch.manual_seed(0)
+    model = NormGatedBlock().eval()
+    example = (torch.randn(4, 32), torch.randn(4, 32))
+    compiled = api.compile(model, example, target="cpu", dynamic={"x": {0: "T"}, "y": {0: "T"}},
+                           cache_dir=str(tmp_path))
+    storage = torch.randn(3 + 6 * 64)
+    misaligned = storage[1:1 + 6 * 32].view(6, 32)  # 4 bytes past an aligned address
+    strided = storage[3:3 + 6 * 64].view(6, 64)[:, ::2]  # every other column, misaligned too
+    assert misaligned.data_ptr() % 64 and not strided.is_contiguous()
+    for x, y in ((misaligned, strided), (strided, misaligned), (misaligned.clone(), strided.clone())):
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, y), model(x, y), atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_ready_copies_only_what_it_must():
+    from fuselm.codegen.memory import check_kernel_ready, kernel_ready
+
+    aligned = torch.randn(64)
+    assert kernel_ready(aligned) is aligned and check_kernel_ready(aligned, "cache") is aligned
+    shifted = aligned[1:]
+    copy = kernel_ready(shifted)
+    assert copy.data_ptr() % 64 == 0 and torch.equal(copy, shifted)
+    with pytest.raises(ValueError, match="the KV cache must be contiguous and 64-byte aligned.*offset 4"):
+        check_kernel_ready(shifted, "the KV cache")

@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..codegen.memory import kernel_ready
 from . import hub
 from .tokenizer import Tokenizer
 
@@ -105,15 +106,3 @@ def retie_shared_parameters(model: torch.nn.Module) -> None:
                 setattr(module, name, seen[key])
             else:
                 seen.setdefault(key, param)
-
-
-KERNEL_ALIGNMENT = 64  # bytes: the cpu kernels use aligned vector loads (torch allocates so)
-
-
-def kernel_ready(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor itself if contiguous, owned by torch's layout rules and 64-byte aligned;
-    else an aligned copy. numpy buffers (GGUF dequantization) and mmapped safetensors
-    are only 16- or 8-byte aligned, which the kernels' aligned loads would fault on."""
-    if tensor.is_contiguous() and tensor.data_ptr() % KERNEL_ALIGNMENT == 0:
-        return tensor
-    return tensor.contiguous().clone()

@@ -22,6 +22,7 @@ from tvm import te, tirx
 
 from ...errors import UnsupportedKernelError
 from . import fastmath
+from ..memory import kernel_ready
 from .build import const, vector_lanes
 from .lowering import Lowering, broadcast_read, cast, lowers
 
@@ -315,7 +316,7 @@ def tiled_make_run(group, functions):
 
     def run(*inputs):
         args = [inputs[i] for i in positions]
-        q, k, v = (a if a.is_contiguous() else a.contiguous() for a in args[:3])
+        q, k, v = (kernel_ready(a) for a in args[:3])
         keys = k.shape[2]
         kt = torch.nn.functional.pad(k.transpose(2, 3), (0, -keys % KEYS_PER_CHUNK)).contiguous()
         if len(args) > 3:
@@ -324,7 +325,7 @@ def tiled_make_run(group, functions):
             if mask.shape[3] != keys or keys % KEYS_PER_CHUNK:  # whole chunks of keys, read as vectors
                 pad = -keys % KEYS_PER_CHUNK
                 mask = torch.nn.functional.pad(mask.expand(*mask.shape[:3], keys), (0, pad))
-            mask = mask.contiguous()
+            mask = kernel_ready(mask)
         else:
             mask = dummy
         out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype)

@@ -26,6 +26,7 @@ from tvm.s_tir.schedule import ScheduleError
 
 from ...ir.graph import Graph
 from ..kernel import group_key
+from ..memory import kernel_ready
 from . import attention  # noqa: F401  (registers the attention lowering)
 from .build import SERIAL_MAX, Dims, OutputShape, ShapeBinder, vector_lanes
 from .lowering import LOWER, lower
@@ -67,7 +68,7 @@ def make_run(group: Graph, functions):
     def run(*args):
         sizes = binder.values(args)
         out = torch.empty(out_shape(sizes), dtype=out_type.torch_dtype)
-        args = [a if a.is_contiguous() else a.contiguous() for a in args]  # TVM takes compact tensors
+        args = [kernel_ready(a) for a in args]  # TVM takes compact, aligned tensors
         work = max(out.numel(), *(a.numel() for a in args)) if args else out.numel()
         (serial if work < SERIAL_MAX else parallel)(*sizes, *args, out)
         return out

@@ -46,6 +46,7 @@ from ...errors import UnsupportedKernelError
 from ...ir.core_ops import PANEL, packed_weight_shape
 from ...ir.graph import Graph
 from . import fastmath
+from ..memory import KERNEL_ALIGNMENT, kernel_ready
 from .build import const, operand_positions, single_node, tir_dtype, vector_lanes
 
 OPS = ("gemm",)
@@ -259,9 +260,10 @@ def make_run(group: Graph, functions):
     """run(*group inputs): flatten x's leading dims, allocate the output, pick the form.
 
     Forms by row count: 1 -> gemv1, up to GEMV_MAX_ROWS -> gemv, above -> gemm (their
-    tiles depend on w's layout; see the module docstring). The common call (2-D, contiguous
-    tensors) goes straight to TVM, which checks shapes and strides itself; anything
-    else is reshaped and made contiguous first.
+    tiles depend on w's layout; see the module docstring). The common call (2-D, aligned
+    tensors) goes straight to TVM, which checks shapes and strides itself; operands that
+    are strided, broadcast or not 64-byte aligned are reshaped and copied first
+    (codegen/memory.py).
     """
     node = single_node(group)
     spec, positions = spec_of(node), operand_positions(group, node)
@@ -279,16 +281,17 @@ def make_run(group: Graph, functions):
         x, w = args[x_at], args[w_at]
         lead = x.shape[:-1]
         out = torch.empty((*lead, n_out), dtype=x.dtype)
-        if x.dim() == 2:
-            try:
-                call(x, w, [args[i] for i in extra_at], out)
+        extras = [args[i] for i in extra_at]
+        if x.dim() == 2 and all(t.data_ptr() % KERNEL_ALIGNMENT == 0 for t in (x, *extras)):
+            try:  # weights are aligned at compile time (api.compile)
+                call(x, w, extras, out)
                 return out
             except ValueError:  # a strided or broadcast operand: take the general path
                 pass
-        x2 = x.reshape(-1, K).contiguous()
+        x2 = kernel_ready(x.reshape(-1, K))
         rows = x2.shape[0]
-        extras = [_flat_extra(args[i], lead, width, rows) for i, width in zip(extra_at, widths)]
-        call(x2, w.contiguous(), extras, out.view(rows, n_out))
+        extras = [kernel_ready(_flat_extra(t, lead, width, rows)) for t, width in zip(extras, widths)]
+        call(x2, kernel_ready(w), extras, out.view(rows, n_out))
         return out
 
     return run
@@ -297,7 +300,7 @@ def make_run(group: Graph, functions):
 def _flat_extra(t: torch.Tensor, lead: tuple, width: int, rows: int) -> torch.Tensor:
     """A bias stays [width]; a residual becomes [rows, width], broadcast if it must be."""
     if t.dim() == 1:
-        return t.contiguous()
+        return t
     if t.shape[:-1] != lead:
         t = t.expand(*lead, width)
-    return t.reshape(rows, width).contiguous()
+    return t.reshape(rows, width)

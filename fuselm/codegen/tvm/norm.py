@@ -18,6 +18,7 @@ from tvm import s_tir, te, tirx
 
 from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph
+from ..memory import KERNEL_ALIGNMENT, kernel_ready
 from .build import SERIAL_MAX, const, operand_positions, single_node, tir_dtype, vector_lanes
 
 OPS = ("rms_norm", "layer_norm")
@@ -161,13 +162,13 @@ def make_run(group: Graph, functions):
         args = [inputs[i] for i in positions]
         x = args[0]
         out = torch.empty(((2,) if spec.residual else ()) + tuple(x.shape), dtype=x.dtype)
-        if x.dim() == 2:
+        if x.dim() == 2 and all(a.data_ptr() % KERNEL_ALIGNMENT == 0 for a in args):
             try:
                 call(args, out, x.shape[0])
                 return out
             except ValueError:  # strided inputs: take the general path
                 pass
-        flat = [a.reshape(-1, D).contiguous() if a.dim() > 1 else a.contiguous() for a in args]
+        flat = [kernel_ready(a.reshape(-1, D) if a.dim() > 1 else a) for a in args]
         rows = flat[0].shape[0]
         call(flat, out.view(*out.shape[: out.dim() - x.dim()], rows, D), rows)
         return out

@@ -30,6 +30,7 @@ from tvm.script import tirx as T
 from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph
 from . import fastmath
+from ..memory import check_kernel_ready, kernel_ready
 from .build import SERIAL_MAX, operand_positions, single_node, tir_dtype, vector_lanes
 
 OPS = ("kv_cache_write", "paged_attention")
@@ -258,7 +259,7 @@ def make_run(group: Graph, functions):
 def _rope_tables(args: list, spec: CacheSpec, dtype) -> list:
     """cos and sin when rope=true; else empty stand-ins that the kernel never reads."""
     if spec.rope:
-        return [a.contiguous() for a in args[-2:]]
+        return [kernel_ready(a) for a in args[-2:]]
     empty = torch.empty((0, spec.head_dim), dtype=dtype)
     return [empty, empty]
 
@@ -266,8 +267,8 @@ def _rope_tables(args: list, spec: CacheSpec, dtype) -> list:
 def _write_run(parallel, serial, positions: list, spec: CacheSpec):
     def run(*inputs):
         args = [inputs[i] for i in positions]
-        cache = args[0]
-        key, value, slots = (a.contiguous() for a in args[1:4])
+        cache = check_kernel_ready(args[0], "the KV cache")
+        key, value, slots = (kernel_ready(a) for a in args[1:4])
         fn = serial if 2 * key.numel() < SERIAL_MAX else parallel
         fn(cache, key, value, slots, *_rope_tables(args, spec, key.dtype))
         return cache  # updated in place: the kernel wrote torch's storage
@@ -278,10 +279,11 @@ def _write_run(parallel, serial, positions: list, spec: CacheSpec):
 def _attention_run(tiled, decode, positions: list, spec: CacheSpec):
     def run(*inputs):
         args = [inputs[i] for i in positions]
-        query = args[0].contiguous()
+        query = kernel_ready(args[0])
         out = torch.empty_like(query)
-        cu = args[4].contiguous()
-        operands = (query, args[1], args[2].contiguous(), args[3].contiguous(), cu,
+        cu = kernel_ready(args[4])
+        cache = check_kernel_ready(args[1], "the KV cache")
+        operands = (query, cache, kernel_ready(args[2]), kernel_ready(args[3]), cu,
                     *_rope_tables(args, spec, query.dtype), out)
         longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
         if longest > 1:
