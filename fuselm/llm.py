@@ -12,12 +12,13 @@ prompts are served together by continuous batching.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
 from .frontend.without_triton import without_triton
-from .runtime.engine import LLMEngine
+from .runtime.engine import LLMEngine, sample_id
 from .runtime.request import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -63,19 +64,21 @@ class LLM:
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list:
-        """One RequestOutput per prompt, in order. Every request is validated before any runs."""
+        """One RequestOutput per prompt, in order. Every request is validated before any runs.
+        With SamplingParams(n > 1), the output is the first sample's, and `output.samples`
+        holds all n (the prompt is prefilled once; the samples fork its KV blocks)."""
         prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
         params = _params_per_prompt(sampling_params, len(prompts))
         requests = [self.engine.make_request(p, sp, None, final_output_only=True) for p, sp in zip(prompts, params)]
         for request in requests:
             self.engine.enqueue(request)
         finished: dict = {}
-        wanted = {r.request_id for r in requests}
+        wanted = {sample for r in requests for sample in _sample_ids(r)}
         while wanted - finished.keys():
             for output in self.engine.step():
                 if output.finished and output.request_id in wanted:
                     finished[output.request_id] = output
-        return [finished[r.request_id] for r in requests]
+        return [_with_samples(finished, r) for r in requests]
 
     def stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None) -> Iterator[str]:
         """Yield the text of one request piece by piece as it is generated; the pieces
@@ -103,6 +106,17 @@ class LLM:
         if not messages:
             raise ValueError("messages is empty")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def _sample_ids(request) -> list:
+    return [request.request_id] + [sample_id(request.request_id, i) for i in range(1, request.params.n)]
+
+
+def _with_samples(finished: dict, request) -> RequestOutput:
+    output = finished[request.request_id]
+    if request.params.n > 1:
+        output.samples = [dataclasses.replace(output)] + [finished[i] for i in _sample_ids(request)[1:]]
+    return output
 
 
 def _is_single_prompt(prompts) -> bool:

@@ -43,6 +43,7 @@ _RANGE_RULES = (
     ("max_tokens", "None or >= 1", lambda v: v is None or v >= 1),
     ("logprobs", "None or >= 0", lambda v: v is None or v >= 0),
     ("min_tokens", ">= 0", lambda v: v >= 0),
+    ("n", ">= 1", lambda v: v >= 1),
 )
 
 
@@ -64,6 +65,7 @@ class SamplingParams:
     logprobs: Optional[int] = None  # top logprobs to return; 0: only the sampled token's
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    n: int = 1  # samples of the prompt: prefilled once, the samples fork its KV blocks
 
     def __post_init__(self):
         self._check_types()
@@ -86,6 +88,7 @@ class SamplingParams:
             setattr(self, name, _as_float(name, getattr(self, name)))
         self.top_k = _as_int("top_k", self.top_k)
         self.min_tokens = _as_int("min_tokens", self.min_tokens)
+        self.n = _as_int("n", self.n)
         for name in _OPTIONAL_INT_FIELDS:
             value = getattr(self, name)
             setattr(self, name, None if value is None else _as_int(name, value, "an int or None"))

@@ -76,6 +76,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._pending: list = []  # outputs of aborted requests, returned by the next step
+        self._num_samples: dict = {}  # request id -> n, for requests that forked samples
 
     def _num_blocks(self, kv_cache_bytes, max_num_seqs, block_size, dtype, device) -> int:
         """cpu: room for max_num_seqs full contexts; cuda: a fraction of free memory."""
@@ -117,9 +118,12 @@ class LLMEngine:
         text, token_ids = self.tokenize(prompt)
         max_tokens = self.check_length(len(token_ids), params)
         sampling = SamplingState.create(params, token_ids, self.tokenizer.eos_token_ids)
+        if params.n > 1 and any(sample_id(request_id, i) in self.requests for i in range(1, params.n)):
+            raise ValueError(f"request_id {request_id!r}: the ids of its samples are already in use")
         return Request(request_id, text, list(token_ids), params, sampling,
                        self.new_detokenizer(token_ids, params, final_output_only), max_tokens,
-                       output_token_ids=sampling.output_token_ids, final_output_only=final_output_only)
+                       output_token_ids=sampling.output_token_ids, final_output_only=final_output_only,
+                       pending_forks=params.n - 1)
 
     def new_detokenizer(self, prompt_token_ids, params: SamplingParams,
                         final_output_only: bool = False) -> IncrementalDetokenizer:
@@ -156,7 +160,11 @@ class LLMEngine:
         return params.max_tokens
 
     def abort(self, request_id: str) -> None:
-        request = self.requests.get(str(request_id))
+        """End a request (and the samples forked from it) with finish_reason "abort"."""
+        request_id = str(request_id)
+        for index in range(1, self._num_samples.pop(request_id, 1)):
+            self.abort(sample_id(request_id, index))
+        request = self.requests.get(request_id)
         if request is None or request.finished:
             return
         request.finish("abort")
@@ -224,6 +232,7 @@ class LLMEngine:
     def _sample_and_advance(self, logits: torch.Tensor, completing: list) -> list:
         if not completing:
             return []
+        completing = [entry for row, request in completing for entry in self._with_samples(row, request)]
         rows = [row for row, _ in completing]
         requests = [request for _, request in completing]
         if rows == list(range(len(logits))):  # every row (decode): no gather
@@ -238,6 +247,32 @@ class LLMEngine:
             outputs = [self._advance(request, token, logprobs)
                        for request, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs)]
         return [output for output in outputs if output is not None]
+
+    def _with_samples(self, row: int, request: Request) -> list:
+        """(row, request), then, the first time its prompt's logits come, (row, sample) for each
+        of the params.n - 1 samples forked from it: they share its KV blocks (copied on write)
+        and draw their first token from the same logits, each with its own generator."""
+        entries = [(row, request)]
+        if request.pending_forks and not request.output_token_ids:
+            self._num_samples[request.request_id] = request.pending_forks + 1
+            entries += [(row, self._fork(request, index)) for index in range(1, request.pending_forks + 1)]
+            request.pending_forks = 0
+        return entries
+
+    def _fork(self, parent: Request, index: int) -> Request:
+        params, child_id = parent.params, sample_id(parent.request_id, index)
+        sampling = SamplingState.create(params, parent.prompt_token_ids, self.tokenizer.eos_token_ids)
+        if params.seed is not None:  # sample i draws from seed + i (wrapped into the 64-bit range)
+            sampling.generator = torch.Generator().manual_seed((params.seed + index + 2**63) % 2**64 - 2**63)
+        child = Request(child_id, parent.prompt, list(parent.prompt_token_ids), params, sampling,
+                        self.new_detokenizer(parent.prompt_token_ids, params, parent.final_output_only),
+                        parent.max_tokens, output_token_ids=sampling.output_token_ids,
+                        final_output_only=parent.final_output_only, num_computed=parent.num_computed,
+                        status=RequestStatus.RUNNING)
+        self.kv.fork(parent.request_id, child_id)
+        self.requests[child_id] = child
+        self.scheduler.running.append(child)
+        return child
 
     def _advance_alone(self, logits_row: torch.Tensor, request: Request) -> Optional[RequestOutput]:
         try:
@@ -347,6 +382,11 @@ def release_module_weights(model: torch.nn.Module) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the memory is reused, just not returned
         pass
+
+
+def sample_id(request_id: str, index: int) -> str:
+    """The request id of sample `index` (1 .. n-1) forked from a request with n > 1."""
+    return f"{request_id}#{index}"
 
 
 def _check_max_model_len(max_model_len: Optional[int], config) -> int:

@@ -44,6 +44,7 @@ class RequestOutput:
     logprobs: Optional[list] = None  # per generated token, a TokenLogprobs
     new_text: str = ""
     error: Optional[str] = None
+    samples: list = field(default_factory=list)  # n > 1 (from `generate`): every sample's output, this one first
 
     @property
     def finished(self) -> bool:
@@ -68,6 +69,7 @@ class Request:
     error: Optional[str] = None
     num_preemptions: int = 0
     final_output_only: bool = False  # no per-step outputs: `generate` wants the end alone
+    pending_forks: int = 0  # samples (params.n - 1) to fork from it when its first token is sampled
     _all_token_ids: list = field(init=False, repr=False)  # prompt + output, kept in step
 
     def __post_init__(self):
