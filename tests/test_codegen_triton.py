@@ -18,6 +18,7 @@ from fuselm.ir.types import evaluate_dim  # noqa: E402
 from fuselm.errors import UnsupportedKernelError  # noqa: E402
 
 from fuselm.codegen import triton as triton_codegen  # noqa: E402
+from tiny_models import gemm_group  # noqa: E402
 
 # masked-off lanes of a tile hold placeholder values (log(0), 0/0) that the interpreter warns about
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -50,21 +51,6 @@ def assert_matches(kernel, group, args, atol=1e-4, rtol=1e-4):
 
 
 # ----------------------------------------------------------------------------- gemm
-def gemm_group(k, n, steps, dtype="f32", x_shape=("T",)):
-    b = GraphBuilder()
-    x = b.input("x", TensorType((*x_shape, k), dtype))
-    w = b.input("w", TensorType((n, k), dtype))
-    extras, width = [], n
-    for step in steps:
-        if step == "gated_silu":
-            width //= 2
-        elif step == "bias":
-            extras.append(b.input(f"bias{len(extras)}", TensorType((width,), dtype)))
-        elif step == "residual":
-            extras.append(b.input(f"residual{len(extras)}", TensorType((*x_shape, width), dtype)))
-    return b.build([b.op("gemm", x, w, *extras, epilogue=tuple(steps))])
-
-
 @pytest.mark.parametrize("steps", [
     (), ("bias",), ("relu",), ("gelu",), ("gelu_tanh",), ("silu",), ("residual",),
     ("bias", "gelu", "residual"), ("gated_silu",), ("bias", "relu", "gated_silu", "residual"),
@@ -78,7 +64,7 @@ def test_gemm_epilogue_steps_two_token_counts(steps, kernel_dir):
 
 
 def test_gemm_bf16_gated_and_rank3_input(kernel_dir):
-    group = gemm_group(48, 80, ("bias", "gated_silu", "residual"), "bf16", x_shape=("B", "S"))
+    group = gemm_group(48, 80, ("bias", "gated_silu", "residual"), "bf16", lead=("B", "S"))
     kernel = triton_codegen.emit(group, kernel_dir)
     for b, s in ((1, 3), (2, 19)):
         assert_matches(kernel, group, random_inputs(group, {"B": b, "S": s}), atol=0.5, rtol=2e-2)

@@ -15,6 +15,7 @@ from fuselm.codegen import tvm as cpu  # noqa: E402
 from fuselm.codegen.tvm import elementwise, norm, paged  # noqa: E402
 from fuselm.codegen.tvm.build import SERIAL_MAX  # noqa: E402
 from fuselm.ir import GraphBuilder, TensorType, symbol  # noqa: E402
+from tiny_models import gemm_group  # noqa: E402
 
 T, B, S = symbol("T"), symbol("B"), symbol("S")
 
@@ -41,21 +42,6 @@ def check(group, make_args, sizes, rtol=1e-4, atol=1e-5):
 
 
 # ----------------------------------------------------------------------------- gemm
-def gemm_group(K, N, steps, lead=("T",)):
-    b = GraphBuilder()
-    x = b.input("x", TensorType((*lead, K), "f32"))
-    w = b.input("w", TensorType((N, K), "f32"))
-    extras, width = [], N
-    for step in steps:
-        if step == "bias":
-            extras.append(b.input(f"bias{len(extras)}", TensorType((width,), "f32")))
-        elif step == "residual":
-            extras.append(b.input(f"residual{len(extras)}", TensorType((*lead, width), "f32")))
-        elif step == "gated_silu":
-            width //= 2
-    return b.build([b.op("gemm", x, w, *extras, epilogue=tuple(steps))])
-
-
 def random_inputs(group, bindings):
     """Random tensors for a group's inputs, symbols bound from `bindings`."""
     return [torch.randn([d if isinstance(d, int) else int(d.subs(bindings)) for d in v.type.shape])

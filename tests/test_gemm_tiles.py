@@ -12,30 +12,10 @@ import torch
 from fuselm.api import target_device
 from fuselm.codegen import triton as triton_codegen
 from fuselm.codegen.triton import tuning
-from fuselm.ir import GraphBuilder, TensorType
+from tiny_models import gemm_group
 
 DEVICE = target_device("cuda")
 TOLERANCE = {"f32": dict(atol=1e-3, rtol=1e-3), "bf16": dict(atol=0.1, rtol=2e-2)}
-
-
-def gemm_group(k: int, n: int, steps: tuple, dtype: str):
-    """gemm of x[T, k] and w[n, k] with the epilogue `steps` (n counts gate and up when gated)."""
-    b = GraphBuilder()
-    x = b.input("x", TensorType(("T", k), dtype))
-    w = b.input("w", TensorType((n, k), dtype))
-    return b.build([b.op("gemm", x, w, *[b.input(f"extra{i}", TensorType(shape, dtype))
-                                         for i, shape in enumerate(extra_shapes(n, steps, "T"))], epilogue=steps)])
-
-
-def extra_shapes(n: int, steps: tuple, tokens) -> list:
-    """Shapes of the bias and residual inputs, in step order (gated_silu halves the width)."""
-    shapes, width = [], n
-    for step in steps:
-        if step == "gated_silu":
-            width //= 2
-        elif step in ("bias", "residual"):
-            shapes.append((width,) if step == "bias" else (tokens, width))
-    return shapes
 
 
 def reference(x, w, extras: list, steps: tuple) -> torch.Tensor:
@@ -50,13 +30,13 @@ def reference(x, w, extras: list, steps: tuple) -> torch.Tensor:
     return out
 
 
-def random_case(group, tokens: int, steps: tuple, dtype: torch.dtype, seed: int):
+def random_case(group, tokens: int, dtype: torch.dtype, seed: int):
+    """x, w and the epilogue's inputs for `tokens` rows (w scaled to keep outputs near 1)."""
     generator = torch.Generator().manual_seed(seed)
-    k, n = group.inputs[1].type.shape[1], group.inputs[1].type.shape[0]
-    x = torch.randn(tokens, k, generator=generator)
-    w = torch.randn(n, k, generator=generator) / k ** 0.5
-    extras = [torch.randn(shape, generator=generator) for shape in extra_shapes(n, steps, tokens)]
-    return [t.to(DEVICE, dtype) for t in (x, w, *extras)]
+    k = group.inputs[1].type.shape[1]
+    shapes = [[d if isinstance(d, int) else tokens for d in v.type.shape] for v in group.inputs]
+    x, w, *extras = [torch.randn(shape, generator=generator) for shape in shapes]
+    return [t.to(DEVICE, dtype) for t in (x, w / k ** 0.5, *extras)]
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
@@ -69,7 +49,7 @@ def test_every_tile_candidate_computes_the_gemm(steps, dtype, tmp_path):
     checked = 0
     for limit, candidates in module["CONFIGS"]:
         for tokens in ((1, 3) if limit == 16 else (limit or 70,)):
-            x, w, *extras = random_case(group, tokens, steps, torch_dtype, seed=tokens)
+            x, w, *extras = random_case(group, tokens, torch_dtype, seed=tokens)
             expected = reference(x, w, extras, steps)
             for cfg in candidates:
                 out = torch.full(expected.shape, float("nan"), dtype=torch_dtype, device=DEVICE)

@@ -16,6 +16,7 @@ from fuselm.ir.core_ops import pack_weight, unpack_weight
 from fuselm.passes import counters, pipeline
 from fuselm.passes.layout import prepack_weights
 
+from tiny_models import gemm_group
 from pass_checks import fresh_counters, same_results  # noqa: F401 (fresh_counters: autouse)
 
 T = symbol("T")
@@ -136,23 +137,13 @@ def test_layout_runs_in_the_cpu_pipeline_only():
 
 
 # ----------------------------------------------------------------------------- the kernels
-def gemm_group(K, N, steps, packed=True):
+def packed_gemm_group(K, N, steps, packed=True):
     """gemm(x, w, extras), w a group input as in a partitioned group: k16 panels or [N, K]."""
     halves = 2 if "gated_silu" in steps else 1
-    b = GraphBuilder()
-    x = b.input("x", TensorType(("T", K), "f32"))
-    shape = pack_weight(torch.zeros(N, K), halves).shape if packed else (N, K)
-    w = b.input("w", TensorType(tuple(shape), "f32"))
-    extras, width = [], N
-    for step in steps:
-        if step == "bias":
-            extras.append(b.input(f"bias{len(extras)}", TensorType((width,), "f32")))
-        elif step == "residual":
-            extras.append(b.input(f"residual{len(extras)}", TensorType(("T", width), "f32")))
-        elif step == "gated_silu":
-            width //= 2
-    layout = {"weight_layout": "k16", "n": N} if packed else {}
-    return b.build([b.op("gemm", x, w, *extras, epilogue=tuple(steps), **layout)]), halves
+    if not packed:
+        return gemm_group(K, N, steps), halves
+    shape = tuple(pack_weight(torch.zeros(N, K), halves).shape)
+    return gemm_group(K, N, steps, weight_shape=shape, attrs={"weight_layout": "k16", "n": N}), halves
 
 
 @pytest.mark.parametrize("K,N,steps", [
@@ -165,7 +156,7 @@ def gemm_group(K, N, steps, packed=True):
     (20, 2 * 21, ("gated_silu",)),
 ])
 def test_kernels_on_packed_weights_match_the_interpreter(K, N, steps):
-    group, halves = gemm_group(K, N, steps)
+    group, halves = packed_gemm_group(K, N, steps)
     kernel = cpu.emit(group)
     builds = cpu.build_count()
     packed = pack_weight(torch.randn(N, K), halves)
@@ -178,7 +169,7 @@ def test_kernels_on_packed_weights_match_the_interpreter(K, N, steps):
 
 
 def test_packed_kernel_reads_panels_without_packing():
-    (group, _), (plain_group, _) = (gemm_group(64, 96, ("bias", "gelu"), packed) for packed in (True, False))
+    (group, _), (plain_group, _) = (packed_gemm_group(64, 96, ("bias", "gelu"), packed) for packed in (True, False))
     kernel, plain = cpu.emit(group), cpu.emit(plain_group)
     assert "w_packed" in plain.source and "w_packed" not in kernel.source  # no per-call packing
     assert kernel.source.count("T.parallel") >= 3 and "T.vectorized" in kernel.source

@@ -2,6 +2,7 @@
 import torch
 
 from fuselm.frontend import capture
+from fuselm.ir import GraphBuilder, TensorType
 from fuselm.models import llama
 from fuselm.models.config import LlamaConfig
 from fuselm.models.contract import capture_example
@@ -21,3 +22,22 @@ def captured(config, model):
     """The model captured in the LM contract with its default symbolic dims."""
     example, dynamic = capture_example(config)
     return capture(model, example, dynamic)
+
+
+def gemm_group(k: int, n: int, steps: tuple, dtype: str = "f32", lead: tuple = ("T",),
+               weight_shape: tuple = None, attrs: dict = None):
+    """A graph of one gemm(x[*lead, k], w, *extras) with the epilogue `steps`: a `bias<i>`
+    or `residual<i>` input per such step, in order (a gated_silu halves the width after it).
+    w is [n, k] unless `weight_shape` (a packed layout, described by `attrs`) is given."""
+    b = GraphBuilder()
+    x = b.input("x", TensorType((*lead, k), dtype))
+    w = b.input("w", TensorType(tuple(weight_shape or (n, k)), dtype))
+    extras, width = [], n
+    for step in steps:
+        if step == "gated_silu":
+            width //= 2
+        elif step == "bias":
+            extras.append(b.input(f"bias{len(extras)}", TensorType((width,), dtype)))
+        elif step == "residual":
+            extras.append(b.input(f"residual{len(extras)}", TensorType((*lead, width), dtype)))
+    return b.build([b.op("gemm", x, w, *extras, epilogue=tuple(steps), **(attrs or {}))])

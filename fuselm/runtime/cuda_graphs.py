@@ -126,7 +126,7 @@ class DecodeGraphs:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = _logits(self.forward(*inputs))
+                logits = logits_of(self.forward(*inputs))
             self.graphs[batch] = (graph, logits)
         torch.cuda.synchronize()
 
@@ -137,11 +137,12 @@ class DecodeGraphs:
         self.inputs.fill(token_ids, positions, slots, tables, batch)
         self.replays += 1
         if not self.capture:
-            return _logits(self.forward(*self.inputs.view(batch).as_tuple()))[:n]
+            return logits_of(self.forward(*self.inputs.view(batch).as_tuple()))[:n]
         graph, logits = self.graphs[batch]
         graph.replay()
         return logits[:n]
 
 
-def _logits(out) -> torch.Tensor:
+def logits_of(out) -> torch.Tensor:
+    """The logits of a forward's result: (logits, cache) or logits alone."""
     return out[0] if isinstance(out, tuple) else out

@@ -163,9 +163,8 @@ class KVCacheManager:
 
     def blocks_needed(self, seq_id, num_computed: int, num_new: int) -> int:
         """How many blocks `allocate` would take from the free list."""
-        table = self._seqs[seq_id].table if seq_id in self._seqs else []
-        grow = max(0, self._blocks_for(num_computed + num_new) - len(table))
-        return grow + len(self._shared_in_range(table, num_computed, num_new))
+        grow, shared = self._needs(seq_id, num_computed, num_new)
+        return grow + len(shared)
 
     def allocate(self, seq_id, num_computed: int, num_new: int) -> Optional[list[tuple[int, int]]]:
         """Own slots for positions [num_computed, num_computed + num_new).
@@ -175,15 +174,20 @@ class KVCacheManager:
         """
         if self._writes_own_fresh_block(seq_id, num_computed, num_new):
             return []  # the decode step's common case: nothing to take, copy or forget
-        if self.blocks_needed(seq_id, num_computed, num_new) > self.num_free_blocks:
+        grow, shared = self._needs(seq_id, num_computed, num_new)
+        if grow + len(shared) > self.num_free_blocks:
             return None
         seq = self._seqs.setdefault(seq_id, _SeqBlocks())
-        shared = self._shared_in_range(seq.table, num_computed, num_new)
         copies = [self._copy_on_write(seq, index) for index in shared]
         self._forget_rewritten(seq, num_computed, num_new)
-        while len(seq.table) < self._blocks_for(num_computed + num_new):
-            seq.table.append(self._pop_free_block())
+        seq.table.extend(self._pop_free_block() for _ in range(grow))
         return copies
+
+    def _needs(self, seq_id, num_computed: int, num_new: int) -> tuple[int, list[int]]:
+        """(fresh blocks to append, indices of shared blocks to copy) for writing the range."""
+        table = self._seqs[seq_id].table if seq_id in self._seqs else []
+        grow = max(0, self._blocks_for(num_computed + num_new) - len(table))
+        return grow, self._shared_in_range(table, num_computed, num_new)
 
     def _writes_own_fresh_block(self, seq_id, num_computed: int, num_new: int) -> bool:
         """One new token into a block the sequence holds alone, with no hash registered."""

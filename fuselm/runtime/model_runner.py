@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from ..models.contract import LMInputs, make_kv_cache
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, logits_of
 from .kv_cache import KVCacheManager
 
 
@@ -39,25 +39,10 @@ class ModelRunner:
     def execute(self, scheduled: list, block_copies: list) -> torch.Tensor:
         """fp32 logits `[len(scheduled), vocab]`, row i for scheduled[i]'s last new token."""
         self.copy_blocks(block_copies)
-        if self.decode_graphs is not None and self._is_decode(scheduled):
-            return self._replay_decode(scheduled).float()
-        inputs = self.prepare_inputs(scheduled)
-        out = self.forward(*inputs.as_tuple())
-        logits = out[0] if isinstance(out, tuple) else out
-        return logits.float()
-
-    def _is_decode(self, scheduled: list) -> bool:
-        return all(item.num_new == 1 for item in scheduled) and self.decode_graphs.bucket(len(scheduled)) is not None
-
-    def _replay_decode(self, scheduled: list) -> torch.Tensor:
-        token_ids, positions, slots, tables = [], [], [], []
-        for item in scheduled:
-            request_id, position = item.request.request_id, item.start
-            token_ids.append(item.request.all_token_ids[position])
-            positions.append(position)
-            slots += self.kv.slots(request_id, position, position + 1)
-            tables.append(self.kv.block_table(request_id))
-        return self.decode_graphs.run(token_ids, positions, slots, tables)
+        batch = HostBatch(scheduled, self.kv)
+        if self.decode_graphs is not None and batch.is_decode and self.decode_graphs.bucket(len(scheduled)):
+            return self.decode_graphs.run(batch.input_ids, batch.positions, batch.slots, batch.tables).float()
+        return logits_of(self.forward(*self.to_inputs(batch).as_tuple())).float()
 
     def copy_blocks(self, block_copies: list) -> None:
         """Copy-on-write: a shared block is copied before a request writes into it."""
@@ -67,28 +52,40 @@ class ModelRunner:
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def prepare_inputs(self, scheduled: list) -> LMInputs:
-        input_ids, positions, slots, tables, context_lens, cu_seqlens = [], [], [], [], [], [0]
-        for item in scheduled:
-            request, start, end = item.request, item.start, item.start + item.num_new
-            input_ids += request.all_token_ids[start:end]
-            positions += range(start, end)
-            slots += self.kv.slots(request.request_id, start, end)
-            tables.append(self.kv.block_table(request.request_id))
-            context_lens.append(end)
-            cu_seqlens.append(cu_seqlens[-1] + item.num_new)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+        return self.to_inputs(HostBatch(scheduled, self.kv))
+
+    def to_inputs(self, batch: "HostBatch") -> LMInputs:
+        width = max(len(t) for t in batch.tables)
+        padded = [t + [0] * (width - len(t)) for t in batch.tables]
 
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
         return LMInputs(
-            input_ids=tensor(input_ids, torch.int64),
-            positions=tensor(positions, torch.int64),
+            input_ids=tensor(batch.input_ids, torch.int64),
+            positions=tensor(batch.positions, torch.int64),
             kv_cache=self.kv_cache,
-            slot_mapping=tensor(slots, torch.int64),
+            slot_mapping=tensor(batch.slots, torch.int64),
             block_tables=tensor(padded, torch.int32),
-            context_lens=tensor(context_lens, torch.int32),
-            cu_seqlens_q=tensor(cu_seqlens, torch.int32),
-            logits_indices=tensor([c - 1 for c in cu_seqlens[1:]], torch.int64),
+            context_lens=tensor(batch.context_lens, torch.int32),
+            cu_seqlens_q=tensor(batch.cu_seqlens, torch.int32),
+            logits_indices=tensor([c - 1 for c in batch.cu_seqlens[1:]], torch.int64),
         )
+
+
+class HostBatch:
+    """A scheduled batch as host lists: its new tokens packed back to back, their positions
+    and slots, and each request's block table, context length and offset."""
+
+    def __init__(self, scheduled: list, kv: KVCacheManager):
+        self.input_ids, self.positions, self.slots, self.tables = [], [], [], []
+        self.context_lens, self.cu_seqlens = [], [0]
+        for item in scheduled:
+            request, start, end = item.request, item.start, item.start + item.num_new
+            self.input_ids += request.all_token_ids[start:end]
+            self.positions += range(start, end)
+            self.slots += kv.slots(request.request_id, start, end)
+            self.tables.append(kv.block_table(request.request_id))
+            self.context_lens.append(end)
+            self.cu_seqlens.append(self.cu_seqlens[-1] + item.num_new)
+        self.is_decode = len(self.input_ids) == len(scheduled)  # one new token per request
