@@ -134,7 +134,7 @@ def build_llm(settings: Settings):
 
 def random_llm(config, target: str, dtype: torch.dtype = torch.bfloat16, **options):
     from fuselm import LLM
-    from fuselm.api import target_device
+    from fuselm.target import get_target
     from fuselm.models import Tokenizer
     from fuselm.models.llama import LlamaForCausalLM
     from fuselm.models.loading import LoadedModel
@@ -142,7 +142,7 @@ def random_llm(config, target: str, dtype: torch.dtype = torch.bfloat16, **optio
     from fuselm.runtime.kv_cache import kv_bytes_per_token
 
     torch.manual_seed(0)
-    with target_device(target):  # initialize 1.1B weights on the GPU
+    with get_target(target).device:  # initialize 1.1B weights on the GPU
         model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
     loaded = LoadedModel(model, Tokenizer.of_numbered_words(config.vocab_size), config, Path("random-weights"))
     # room for every request's full context, as on cpu (not 90% of the GPU's memory)

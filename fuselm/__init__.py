@@ -5,9 +5,10 @@ Public API: `compile` (capture, fuse, generate kernels for "cpu" or "cuda"), `LL
 importable subpackages. TVM and Triton are imported only when a target needs them.
 """
 from .api import CompiledModule, compile
-from .errors import FuselmError, UnsupportedKernelError, UnsupportedOpError
+from .errors import FallbackWarning, FuselmError, UnsupportedKernelError, UnsupportedOpError
 from .llm import LLM
 from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["compile", "CompiledModule", "LLM", "SamplingParams", "FuselmError", "UnsupportedKernelError", "UnsupportedOpError", "__version__"]
+__all__ = ["compile", "CompiledModule", "LLM", "SamplingParams", "FuselmError", "FallbackWarning",
+           "UnsupportedKernelError", "UnsupportedOpError", "__version__"]

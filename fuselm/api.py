@@ -1,31 +1,53 @@
 """`fuselm.compile`: capture, optimize, partition, generate kernels, run them.
 
-    compiled = fuselm.compile(model, example_inputs, target="cpu", dynamic={...})
-    compiled(*inputs)        # the model's outputs, computed by fuselm's kernels
+    compiled = fuselm.compile(model, target="cpu")   # captures on the first call
+    compiled(*args, **kwargs)                        # what the model returns, by fuselm's kernels
+
+As torch.compile: with no example inputs the first call captures the model; a call whose
+shapes differ recompiles once with the dims that changed made symbolic (automatic
+dynamic), so later sizes of those dims reuse the same graph and kernels; non-tensor
+arguments are guarded constants (a new value recompiles); past `recompile_limit`
+recompiles a FuselmError names the dims that keep changing. `dynamic=True` makes every
+dim symbolic from the start, `dynamic=False` compiles each shape statically, and a dict
+names symbolic dims as in `frontend.capture` (`{"input_ids": {0: "T"}}`).
+
+An ATen op the IR cannot express runs as a fallback (by torch), and so does a fused
+group no kernel can compute (by the IR's reference): `compiled.fallbacks` counts them and
+a `FallbackWarning` lists them once; `strict=True` (or FUSELM_STRICT=1) refuses both.
 
 Kernels come from the kernel cache (`FUSELM_CACHE`), so a second compile of the same
 model generates nothing, and a new token count runs on the kernels already built.
+Weights are taken when the model is captured (prepacked for the kernels): changing the
+model's weights afterwards needs a new compile.
 """
 from __future__ import annotations
 
-import contextlib
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from .codegen.cache import KernelCache
 from .codegen.dump import write_kernel_dump
-from .codegen.memory import kernel_ready
-from .errors import FuselmError
+from .codegen.kernel import Kernel
+from .errors import FallbackWarning, FuselmError, UnsupportedKernelError
 from .frontend import capture
-from .ir.graph import Graph
-from .passes import pipeline, run_passes
+from .frontend.capture import AUTO
+from .frontend.signature import CallSignature, flat_forward, rebuild_output
+from .ir.graph import Graph, Input, Node
+from .ir.interpreter import bind_symbols
+from .ir.registry import get_op
+from .passes import run_passes
 from .passes.partition import KernelGroup, partition
-from .runtime.executor import Executor
+from .runtime.executor import Executor, interpreted_kernel
+from .target import Target, get_target
 
-TARGETS = ("cpu", "cuda")
+# "captures": graphs captured by compile (tests read it to prove a call reused a graph)
+stats: Counter = Counter()
+MAX_REMEMBERED_SHAPES = 256  # call shapes mapped straight to their compiled graph
 
 
 @dataclass(frozen=True)
@@ -36,26 +58,182 @@ class KernelInfo:
     launches: int  # how many groups of the graph run it (identical layers share kernels)
 
 
+def compile(model: torch.nn.Module, example_inputs=None, *, target: Union[str, Target] = "cpu",
+            dynamic: Union[None, bool, dict] = None, strict: bool = False, recompile_limit: int = 8,
+            dump_dir: Optional[str] = None, cache_dir: Optional[str] = None,
+            donate_weights: bool = False) -> "CompiledModule":
+    """Compile `model` for `target`; with `example_inputs` (a tuple of positional
+    arguments) it is captured now, else at the first call.
+
+    The graph goes through the generic pass pipeline, then the target's own passes (cpu:
+    gemm weights prepacked into the layout its kernels read), then partition.
+    `donate_weights=True` lets those layouts reuse the module's weight memory, so weights
+    exist once even while compiling; the module must not run afterwards."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fuselm.compile takes a torch.nn.Module, got {type(model).__name__}")
+    if dynamic not in (None, True, False) and not isinstance(dynamic, dict):
+        raise TypeError(f"dynamic must be None, True, False or a dict of symbolic dims, got {dynamic!r}")
+    target = get_target(target)
+    target.check_available()
+    options = CompileOptions(target, dynamic, strict or os.environ.get("FUSELM_STRICT", "") not in ("", "0"),
+                             recompile_limit, dump_dir or os.environ.get("FUSELM_DUMP") or None, cache_dir,
+                             donate_weights)
+    compiled = CompiledModule(model, options)
+    if example_inputs is not None:
+        compiled.capture(tuple(example_inputs), {})
+    return compiled
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: Target
+    dynamic: Union[None, bool, dict]
+    strict: bool
+    recompile_limit: int
+    dump_dir: Optional[str]
+    cache_dir: Optional[str]
+    donate_weights: bool
+
+
 class CompiledModule:
-    """Callable like the model; `.graph` is the final IR, `.kernels` what runs it."""
+    """Callable like the model. `.graph`, `.kernels` and `.fallbacks` describe the graph
+    compiled last (they exist once the model has been captured)."""
 
-    def __init__(self, graph: Graph, steps: list, launches: list, target: str):
-        self.graph = graph
-        self.steps = steps
-        self.target = target
-        self._launches = launches
-        kernels = {id(group): kernel for group, kernel in launches}
-        self._executor = Executor(graph, steps, lambda group: kernels[id(group)].run)
+    def __init__(self, model: torch.nn.Module, options: CompileOptions):
+        self.model, self.options, self.target = model, options, options.target
+        self.entries: list = []  # CompiledGraph, one per guard and shape class
+        self._by_shape: dict = {}
+        self._shapes_seen: dict = {}  # guard key -> the tensor shapes of each capture
+        self._cache = KernelCache(options.target, options.cache_dir)
+        self._warned = False
 
-    def __call__(self, *args):
-        with torch.no_grad(), cores_owned_by_kernels(self.target):
-            return self._executor(*args)
+    def __call__(self, *args, **kwargs):
+        signature, tensors = CallSignature.of(self.model, args, kwargs)
+        entry = self._entry_for(signature, tensors)
+        with torch.no_grad(), self.target.running():
+            return entry.run(tensors)
+
+    # -- what was compiled
+    @property
+    def graph(self) -> Graph:
+        return self._latest().graph
 
     @property
     def kernels(self) -> list:
-        counts: dict = {}
-        for _, kernel in self._launches:
-            counts[kernel.name] = counts.get(kernel.name, 0) + 1
+        return self._latest().kernels
+
+    @property
+    def fallbacks(self) -> dict:
+        return dict(self._latest().fallbacks)
+
+    @property
+    def steps(self) -> list:
+        return self._latest().steps
+
+    def _latest(self) -> "CompiledGraph":
+        if not self.entries:
+            raise FuselmError("the model has not been compiled yet: fuselm.compile without example inputs "
+                              "captures it at the first call; call it once (or pass example_inputs)")
+        return self.entries[-1]
+
+    # -- guards and recompiles
+    def _entry_for(self, signature: CallSignature, tensors: tuple) -> "CompiledGraph":
+        key = (signature.guard_key(), tuple((t.dtype, t.shape) for t in tensors))
+        entry = self._by_shape.get(key)
+        if entry is None:
+            entry = next((e for e in reversed(self.entries) if e.serves(signature, tensors)), None)
+            if entry is None:
+                entry = self.capture_call(signature, tensors)
+            if len(self._by_shape) >= MAX_REMEMBERED_SHAPES:
+                self._by_shape.clear()
+            self._by_shape[key] = entry
+        return entry
+
+    def capture(self, args: tuple, kwargs: dict) -> "CompiledGraph":
+        signature, tensors = CallSignature.of(self.model, args, kwargs)
+        return self.capture_call(signature, tensors)
+
+    def capture_call(self, signature: CallSignature, tensors: tuple) -> "CompiledGraph":
+        seen = self._shapes_seen.setdefault(signature.guard_key(), [])
+        seen.append(tuple(tuple(t.shape) for t in tensors))
+        if len(self.entries) > self.options.recompile_limit:
+            raise FuselmError(f"recompile_limit={self.options.recompile_limit} reached: the model was compiled "
+                              f"{len(self.entries)} times; {_changing(signature, self._shapes_seen)}. Pass "
+                              "dynamic={...} naming those dims, or dynamic=True, or raise recompile_limit")
+        dynamic = self._dynamic_spec(signature, seen)
+        entry = compile_graph(self.model, signature, tensors, dynamic, self.options, self._cache)
+        stats["captures"] += 1
+        self.entries.append(entry)
+        if entry.fallbacks and not self._warned:
+            self._warned = True
+            listed = ", ".join(f"{op} x{n}" for op, n in sorted(entry.fallbacks.items()))
+            warnings.warn(FallbackWarning(f"fuselm.compile: ops without a generated kernel run by torch or "
+                                          f"the IR reference: {listed}"), stacklevel=4)
+        return entry
+
+    def _dynamic_spec(self, signature: CallSignature, seen: list) -> Optional[dict]:
+        """dynamic=None: the dims whose size changed between calls with this guard
+        become symbolic; True: every dim; False: none; a dict: as given (plus changes)."""
+        policy = self.options.dynamic
+        if policy is False:
+            return None
+        spec: dict = {}
+        if isinstance(policy, dict):
+            spec = {name: dict(dims) for name, dims in policy.items()}
+        for i, name in enumerate(signature.names):
+            for dim in range(len(seen[-1][i])):
+                sizes = {shapes[i][dim] for shapes in seen}
+                wanted = len(sizes) > 1 or (policy is True and seen[-1][i][dim] > 1)  # 0 and 1 stay static
+                if wanted and dim not in spec.get(name, {}):
+                    spec.setdefault(name, {})[dim] = AUTO
+        return spec or None
+
+
+def _changing(signature: CallSignature, shapes_seen: dict) -> str:
+    changes = []
+    for seen in shapes_seen.values():
+        for i, name in enumerate(signature.names[: len(seen[-1])]):
+            for dim in range(len(seen[-1][i])):
+                sizes = list(dict.fromkeys(shapes[i][dim] for shapes in seen if len(shapes) > i))
+                if len(sizes) > 1:
+                    changes.append(f"{name} dim {dim} took sizes {sizes}")
+    return "changing: " + "; ".join(changes) if changes else "changing: the non-tensor arguments"
+
+
+class CompiledGraph:
+    """One captured graph, its kernels and the executor that runs them."""
+
+    def __init__(self, graph: Graph, steps: list, launches: list, fallbacks: Counter, signature: CallSignature,
+                 output, target: Target):
+        self.graph, self.steps, self.target = graph, steps, target
+        self.fallbacks = fallbacks
+        self.signature, self.output = signature, output
+        self._launches = launches
+        kernels = {id(group): kernel for group, kernel in launches}
+        self._executor = Executor(graph, steps, lambda group: kernels[id(group)].run)
+        self._user_outputs = len([c for c in output.constants if c is None])
+        self._updated_inputs = [graph.inputs.index(_updated_input(v)) for v in graph.outputs[self._user_outputs:]]
+
+    def serves(self, signature: CallSignature, tensors: tuple) -> bool:
+        if signature.guard_key() != self.signature.guard_key() or len(tensors) != len(self.graph.inputs):
+            return False
+        try:
+            bind_symbols(self.graph.inputs, tensors)
+        except TypeError:
+            return False
+        return True
+
+    def run(self, tensors: tuple):
+        results = self._executor(*tensors)
+        results = results if isinstance(results, tuple) else (results,)
+        for index, value in zip(self._updated_inputs, results[self._user_outputs:]):
+            if value is not tensors[index]:  # a write the kernels did not do in place
+                tensors[index].copy_(value)
+        return rebuild_output(self.output.spec, self.output.constants, results[: self._user_outputs])
+
+    @property
+    def kernels(self) -> list:
+        counts = Counter(kernel.name for _, kernel in self._launches)
         seen, infos = set(), []
         for _, kernel in self._launches:
             if kernel.name not in seen:
@@ -64,28 +242,58 @@ class CompiledModule:
         return infos
 
 
-@contextlib.contextmanager
-def cores_owned_by_kernels(target: str):
-    """On cpu, TVM's pool owns the cores while the kernels run: torch's own work between
-    them (views, the odd copy) runs on one thread, so its OpenMP workers do not wake and
-    fight the pool (measured: 2x slower attention and norms when they do)."""
-    if target != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _updated_input(value) -> Input:
+    """The graph input an in-place update's final value belongs to."""
+    while isinstance(value, Node) and get_op(value.op).aliases_input is not None:
+        value = value.inputs[get_op(value.op).aliases_input]
+    if not isinstance(value, Input):
+        raise FuselmError(f"a graph output beyond the model's results is not an updated input: {value}")
+    return value
+
+
+def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tuple, dynamic: Optional[dict],
+                  options: CompileOptions, cache: KernelCache) -> CompiledGraph:
+    """Capture one call of `model`, run the passes, partition, and get every kernel."""
+    target = options.target
+    was_training = model.training
     try:
-        yield
+        with torch.no_grad(), target.importing(), flat_forward(model.eval(), signature) as output:
+            graph = capture(model, tensors, dynamic, strict=options.strict)
+            graph = run_passes(graph, target.passes(options.donate_weights), dump_dir=options.dump_dir)
     finally:
-        torch.set_num_threads(previous)
+        model.train(was_training)
+    graph.constants.update(target.prepare_weights(graph.constants))
+    steps = partition(graph)
+    groups = [step for step in steps if isinstance(step, KernelGroup)]
+    fallbacks: Counter = Counter()
+    launches = [(group, _kernel(group, cache, options.strict, fallbacks))
+                for group in _progress(groups, f"fuselm: {target} kernels")]
+    if options.dump_dir:
+        write_kernel_dump(options.dump_dir, graph, launches)
+    return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target)
 
 
-def check_target(target: str) -> None:
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
-    if target == "cuda" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise FuselmError("target='cuda' needs a CUDA GPU (none is visible); use target='cpu', "
-                          "or set TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter")
+def _kernel(group: KernelGroup, cache: KernelCache, strict: bool, fallbacks: Counter) -> Kernel:
+    """The group's generated kernel; without one (and not strict), the IR reference runs it."""
+    if not _torch_only(group.graph):
+        try:
+            return cache.kernel(group.graph)
+        except UnsupportedKernelError:
+            if strict:
+                raise
+    elif strict:
+        raise UnsupportedKernelError(f"no generated kernel runs {list(group.ops)} (fallback ops or complex values)")
+    names = [n.attrs["overload"] if get_op(n.op).fallback else n.op for n in group.graph.nodes
+             if not get_op(n.op).view]
+    name = "+".join(dict.fromkeys(names)) or "copy"
+    fallbacks[name] += 1
+    return Kernel(f"fallback_{name}", cache.target.name, "", "", interpreted_kernel(group), ops=group.ops)
+
+
+def _torch_only(group: Graph) -> bool:
+    """Groups no backend generates: fallback ops, or complex values (kernels are real-valued)."""
+    values = list(group.inputs) + list(group.nodes)
+    return any(get_op(n.op).fallback for n in group.nodes) or any(v.type.is_complex for v in values)
 
 
 def _progress(items: list, description: str):
@@ -93,34 +301,3 @@ def _progress(items: list, description: str):
     from tqdm import tqdm
 
     return tqdm(items, desc=description, unit="kernel", leave=False, disable=None)
-
-
-def target_device(target: str) -> torch.device:
-    """Where a target's tensors live: the GPU for cuda, or the cpu (also for cuda kernels
-    run by Triton's interpreter when no GPU is visible)."""
-    return torch.device("cuda" if target == "cuda" and torch.cuda.is_available() else "cpu")
-
-
-def compile(model: torch.nn.Module, example_inputs, target: str = "cpu", dynamic: Optional[dict] = None,
-            dump_dir: Optional[str] = None, cache_dir: Optional[str] = None,
-            donate_weights: bool = False) -> CompiledModule:
-    """Compile `model` for `target`; `dynamic` names symbolic dims as in `frontend.capture`.
-
-    The graph goes through the generic pass pipeline, then the target's own passes (cpu:
-    gemm weights prepacked into the layout its kernels read), then partition.
-    `donate_weights=True` lets those layouts reuse the module's weight memory, so weights
-    exist once even while compiling; the module must not run afterwards."""
-    check_target(target)
-    dump_dir = dump_dir or os.environ.get("FUSELM_DUMP") or None
-    with torch.no_grad():
-        graph = run_passes(capture(model.eval(), example_inputs, dynamic), pipeline(target, donate_weights),
-                           dump_dir=dump_dir)
-    if target == "cpu":  # TVM's kernels read weights with aligned vector loads: copy any that are not
-        graph.constants.update({name: kernel_ready(t) for name, t in graph.constants.items()})
-    steps = partition(graph)
-    cache = KernelCache(target, cache_dir)
-    groups = [step for step in steps if isinstance(step, KernelGroup)]
-    launches = [(group, cache.kernel(group.graph)) for group in _progress(groups, f"fuselm: {target} kernels")]
-    if dump_dir:
-        write_kernel_dump(dump_dir, graph, launches)
-    return CompiledModule(graph, steps, launches, target)

@@ -17,3 +17,8 @@ class UnsupportedOpError(FuselmError):
 
 class UnsupportedKernelError(FuselmError, NotImplementedError):
     """No kernel of the target can compute a fused group (its ops, dtypes or shapes)."""
+
+
+class FallbackWarning(UserWarning):
+    """A model compiled with fallbacks: ATen ops without an IR mapping (or a group no
+    kernel of the target can compute) run through torch instead of generated kernels."""

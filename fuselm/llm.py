@@ -11,26 +11,17 @@ prompts are served together by continuous batching.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from .frontend.without_triton import without_triton
 from .runtime.engine import LLMEngine, sample_id
 from .runtime.request import RequestOutput
 from .sampling_params import SamplingParams
+from .target import get_target
 
 Prompt = Union[str, Sequence[int]]
-
-
-def resolve_target(target: str) -> str:
-    if target == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if target not in ("cpu", "cuda"):
-        raise ValueError(f"target must be 'auto', 'cpu' or 'cuda', got {target!r}")
-    return target
 
 
 class LLM:
@@ -43,10 +34,10 @@ class LLM:
         CUDA graphs (vLLM's option of that name)."""
         from .models import load
 
-        self.target = resolve_target(target)
+        self.target = get_target(target)
         if dtype is None:
-            dtype = torch.bfloat16 if self.target == "cuda" else torch.float32
-        with without_triton() if self.target == "cpu" else contextlib.nullcontext():
+            dtype = self.target.default_dtype
+        with self.target.importing():
             loaded = load(model, dtype=dtype)
             self.tokenizer = loaded.tokenizer
             self.engine = LLMEngine(loaded, self.target, max_model_len=max_model_len, max_num_seqs=max_num_seqs,

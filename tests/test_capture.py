@@ -109,19 +109,29 @@ def test_bert_capture_interprets_like_eager(captured_bert, batch, seq):
     assert str(ir.parse(text, constants=graph.constants)) == text
 
 
-class _UsesCumsum(torch.nn.Module):
+class _UsesCummax(torch.nn.Module):
     def forward(self, x):
         y = x * 2
-        return torch.cumsum(y, dim=0)  # the unsupported line
+        return torch.cummax(y, dim=0).values  # the unsupported line
 
 
 def test_unsupported_op_names_op_and_source_line():
+    # strict=True refuses fallbacks (by default the op becomes an `aten` node: test_fallbacks.py)
     with pytest.raises(UnsupportedOpError) as err:
-        capture(_UsesCumsum(), (torch.randn(4, 3),))
+        capture(_UsesCummax(), (torch.randn(4, 3),), strict=True)
     message = str(err.value)
-    assert "aten.cumsum" in message
-    assert "test_capture.py:" in message and "torch.cumsum(y, dim=0)" in message
-    assert err.value.op.startswith("aten.cumsum")
+    assert "aten.cummax" in message
+    assert "test_capture.py:" in message and "torch.cummax(y, dim=0).values" in message
+    assert err.value.op.startswith("aten.cummax")
+
+
+def test_unmapped_op_becomes_an_aten_node_by_default():
+    graph = capture(_UsesCummax(), (torch.randn(4, 3),))
+    assert graph.op_counts() == {"mul": 1, "aten": 1}
+    node = next(n for n in graph.nodes if n.op == "aten")
+    assert node.attrs["overload"] == "aten.cummax.default" and node.attrs["index"] == 0
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(ir.interpret(graph, x), _UsesCummax()(x))
 
 
 class _Scale(torch.nn.Module):

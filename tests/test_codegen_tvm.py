@@ -349,9 +349,10 @@ def test_tiny_llama_compiles_for_cpu_and_matches_eager(tmp_path):
         expected_inputs, inputs = (pack_prompts(config, prompts, all_logits=True) for _ in range(2))
         with torch.no_grad():
             expected = model(*expected_inputs.as_tuple())
-        logits, cache = compiled(*inputs.as_tuple())
+        cache = inputs.kv_cache
+        logits = compiled(*inputs.as_tuple())
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-        assert cache is inputs.kv_cache  # written in place
+        assert inputs.kv_cache is cache  # written in place
         torch.testing.assert_close(cache, expected_inputs.kv_cache, rtol=1e-4, atol=1e-4)
     assert cpu.build_count() == builds
 

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fuselm.api import target_device
+from fuselm.target import get_target
 from fuselm.models import Tokenizer
 from fuselm.models.loading import LoadedModel
-from fuselm.runtime.cuda_graphs import PADDING_SLOT, StaticDecodeInputs, batch_buckets
+from fuselm.runtime.cuda_graphs import PADDING_SLOT, StaticDecodeInputs, batch_buckets, logits_of
 from fuselm.runtime.engine import LLMEngine
 from fuselm.sampling_params import SamplingParams
 
 from tiny_models import tiny_llama
 
-DEVICE = target_device("cuda")
+DEVICE = get_target("cuda").device
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
@@ -114,7 +114,7 @@ def test_padding_rows_leave_the_cache_and_real_logits_unchanged(tiny_loaded, tmp
     scheduled = engine.scheduler.schedule().scheduled
     assert [item.num_new for item in scheduled] == [1, 1, 1]
     before = runner.kv_cache.clone()
-    unpadded = runner.forward(*runner.prepare_inputs(scheduled).as_tuple())[0].float()  # (logits, cache)
+    unpadded = logits_of(runner.forward(*runner.prepare_inputs(scheduled).as_tuple())).float()
     written = (runner.kv_cache != before).flatten(0, 1).any(-1).any(-1)  # [L*2, NB, BS] slots written
     runner.kv_cache.copy_(before)
     padded = runner.execute(scheduled, [])

@@ -9,12 +9,12 @@ the timed choice computes.
 import pytest
 import torch
 
-from fuselm.api import target_device
+from fuselm.target import get_target
 from fuselm.codegen import triton as triton_codegen
 from fuselm.codegen.triton import tuning
 from tiny_models import gemm_group
 
-DEVICE = target_device("cuda")
+DEVICE = get_target("cuda").device
 TOLERANCE = {"f32": dict(atol=1e-3, rtol=1e-3), "bf16": dict(atol=0.1, rtol=2e-2)}
 
 

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from fuselm import ir
+from fuselm.errors import FuselmError
 from fuselm.ir import Graph, GraphBuilder, IRVerificationError, Node, TensorType, symbol
+from fuselm.passes.manager import PassError
 from fuselm.passes import PIPELINE, counters, run_passes
 from fuselm.passes.common_subexpressions import eliminate_common_subexpressions
 from fuselm.passes.constant_folding import fold_constants
@@ -159,7 +161,8 @@ def test_verifier_runs_after_every_pass(monkeypatch):
     x = b.input("x", TensorType((2,), "f32"))
     graph = b.build([b.op("neg", x)])
     monkeypatch.setenv("FUSELM_VERIFY", "1")
-    with pytest.raises(IRVerificationError, match="type says f32\\[7\\]"):
+    with pytest.raises(PassError, match="pass 'broken' produced an invalid graph: .*type says f32\\[7\\]") as raised:
         run_passes(graph, passes=[("broken", broken_pass)])
+    assert isinstance(raised.value.__cause__, IRVerificationError) and isinstance(raised.value, FuselmError)
     monkeypatch.setenv("FUSELM_VERIFY", "0")
     run_passes(graph, passes=[("broken", broken_pass)])  # unchecked without the flag

@@ -6,7 +6,8 @@ emitters (an edited emitter must not reuse old kernels), so identical layers sha
 a kernel and a second compile of the same model does no code generation at all: the
 backend reloads what it wrote (`codegen_runs` counts real generations; tests read it).
 
-A backend is a module with `emit(group, directory) -> Kernel`, which generates and
+The target is a `fuselm.target.Target` (its `name`, `backend` package and `compiler`
+distribution are what the cache reads). A backend is a module with `emit(group, directory) -> Kernel`, which generates and
 builds a kernel and writes whatever it needs to reload it into `directory`, and
 `load(group, directory) -> Kernel`, which reloads it without generating anything.
 An entry is used only once its `kernel.json` marker is written, after everything else.
@@ -28,9 +29,6 @@ from typing import Optional
 from ..ir.graph import Graph
 from .kernel import Kernel, group_key
 
-BACKENDS = {"cpu": "fuselm.codegen.tvm", "cuda": "fuselm.codegen.triton"}
-COMPILERS = {"cpu": "apache-tvm", "cuda": "triton"}
-
 # "codegen_runs": kernels generated; "disk_hits": reloaded from disk; "memory_hits": reused.
 stats: Counter = Counter()
 
@@ -40,45 +38,40 @@ def default_cache_dir() -> Path:
 
 
 @lru_cache(maxsize=None)
-def versions(target: str) -> tuple:
+def versions(backend: str, compiler: str) -> tuple:
     def version(dist: str) -> str:
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
             return "none"
 
-    return tuple(f"{d}={version(d)}" for d in ("fuselm", "torch", COMPILERS[target])) + (emitter_digest(target),)
+    return tuple(f"{d}={version(d)}" for d in ("fuselm", "torch", compiler)) + (emitter_digest(backend),)
 
 
-def emitter_digest(target: str) -> str:
-    """A hash of the target's emitter sources (found without importing the compiler)."""
-    spec = importlib.util.find_spec(BACKENDS[target])
+def emitter_digest(backend: str) -> str:
+    """A hash of a backend package's emitter sources (found without importing the compiler)."""
+    spec = importlib.util.find_spec(backend)
     digest = hashlib.sha256()
     for path in sorted(Path(spec.submodule_search_locations[0]).glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
-def backend(target: str):
-    if target not in BACKENDS:
-        raise ValueError(f"unknown target {target!r}; fuselm targets are {sorted(BACKENDS)}")
-    return importlib.import_module(BACKENDS[target])
-
-
 class KernelCache:
-    def __init__(self, target: str, root: Optional[Path] = None):
+    def __init__(self, target, root: Optional[Path] = None):
         self.target = target
+        self.backend = importlib.import_module(target.backend)
         self.root = Path(root) if root is not None else default_cache_dir()
         self.memory: dict = {}
 
     def kernel(self, group: Graph) -> Kernel:
-        key = group_key(group, self.target, versions(self.target))
+        key = group_key(group, self.target.name, versions(self.target.backend, self.target.compiler))
         if key in self.memory:
             stats["memory_hits"] += 1
             return self.memory[key]
-        entry = self.root / self.target / key
+        entry = self.root / self.target.name / key
         if (entry / "kernel.json").exists():
-            kernel = backend(self.target).load(group, entry)
+            kernel = self.backend.load(group, entry)
             stats["disk_hits"] += 1
         else:
             kernel = self._generate(group, entry)
@@ -89,11 +82,11 @@ class KernelCache:
         staging = entry.with_name(entry.name + f".tmp{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        kernel = backend(self.target).emit(group, staging)
+        kernel = self.backend.emit(group, staging)
         (staging / "group.ir").write_text(str(group))
         (staging / "kernel.json").write_text(json.dumps({"name": kernel.name, "ops": list(kernel.ops)}))
         shutil.rmtree(entry, ignore_errors=True)
         os.replace(staging, entry)
         stats["codegen_runs"] += 1
         # reload from the final place, so source paths point into the cache entry
-        return backend(self.target).load(group, entry)
+        return self.backend.load(group, entry)

@@ -135,12 +135,26 @@ def concat(cv, tensors, dim=0):
 
 
 def index_tensor(cv, x, indices):
-    """x[..., idx, ...] with exactly one 1-d index tensor: an index_select."""
-    used = [(d, i) for d, i in enumerate(indices) if i is not None]
-    if len(used) != 1 or used[0][1].type.rank != 1:
-        return cv.unsupported("aten.index with other than one 1-d index tensor")
-    dim, index = used[0]
-    return cv.op("index_select", x, index, dim=dim)
+    """x[..., i0, i1, ..., ...] (advanced indexing) with integer index tensors on
+    consecutive dims: those dims flatten into one, the indices (broadcast together,
+    negatives wrapped) into one linear index, and an index_select reads it; the result
+    has the broadcast index shape where the indexed dims were, as in torch."""
+    used = [d for d, i in enumerate(indices) if i is not None]
+    if used != list(range(used[0], used[-1] + 1)):
+        return cv.unsupported("aten.index on dims that are not consecutive")
+    if any(indices[d].type.dtype not in ("i64", "i32") for d in used):
+        return cv.unsupported("aten.index with a boolean mask")
+    shape, first, last = x.type.shape, used[0], used[-1]
+    linear = None
+    for d in used:
+        size = shape[d]
+        index = cast_to(cv, indices[d], torch.int64)
+        index = cv.op("where", cv.op("lt", index, scalar=0), cv.op("add", index, scalar=size), index)
+        linear = index if linear is None else cv.op("add", cv.op("mul", linear, scalar=size), index)
+    rows = as_dim(math.prod(shape[first:last + 1], start=1))
+    flat = cv.op("reshape", x, shape=tuple(shape[:first]) + (rows,) + tuple(shape[last + 1:]))
+    picked = cv.op("index_select", flat, cv.op("reshape", linear, shape=(linear.type.numel(),)), dim=first)
+    return cv.op("reshape", picked, shape=tuple(shape[:first]) + linear.type.shape + tuple(shape[last + 1:]))
 
 
 # ----------------------------------------------------------------------------- the heavy ops
@@ -262,6 +276,61 @@ def clamp(cv, x, min=None, max=None):
     return x
 
 
+def var(cv, x, dims=None, correction=None, keepdim=False):
+    dims = list(range(x.type.rank)) if dims is None or dims == [] else ([dims] if isinstance(dims, int) else dims)
+    correction = 1 if correction is None else correction
+    return cv.op("var", x, dims=tuple(d % x.type.rank for d in dims), keepdim=bool(keepdim), correction=correction)
+
+
+def var_dim(cv, x, dims, unbiased=True, keepdim=False):
+    return var(cv, x, dims, 1 if unbiased else 0, keepdim)
+
+
+def cumsum(cv, x, dim, dtype=None):
+    return cast_to(cv, cv.op("cumsum", x, dim=dim % x.type.rank), dtype)
+
+
+def arg_reduction(op: str):
+    def handler(cv, x, dim=None, keepdim=False):
+        if dim is None:  # over the flattened tensor
+            x, dim, keepdim = cv.op("reshape", x, shape=(x.type.numel(),)), 0, False
+        return cv.op(op, x, dim=dim % x.type.rank, keepdim=bool(keepdim))
+
+    return handler
+
+
+def reduce_with_index(values_op: str, index_op: str):
+    """max.dim / min.dim: (values, indices)."""
+
+    def handler(cv, x, dim, keepdim=False):
+        dim %= x.type.rank
+        return (cv.op(values_op, x, dims=(dim,), keepdim=bool(keepdim)),
+                cv.op(index_op, x, dim=dim, keepdim=bool(keepdim)))
+
+    return handler
+
+
+def triangle(op: str):
+    return lambda cv, x, diagonal=0: cv.op(op, x, diagonal=diagonal)
+
+
+def gather(cv, x, dim, index, sparse_grad=False):
+    return cv.op("gather", x, index, dim=dim % x.type.rank)
+
+
+def filled(value):
+    """ones / zeros: full with a fixed value."""
+    return lambda cv, size, dtype=None, **kwargs: full(cv, size, value, dtype or torch.float32)
+
+
+def filled_like(value):
+    return lambda cv, x, dtype=None, **kwargs: full(cv, x.type.shape, value, dtype or x.type.torch_dtype)
+
+
+def new_filled(value):
+    return lambda cv, x, size, dtype=None, **kwargs: full(cv, size, value, dtype or x.type.torch_dtype)
+
+
 def sym_size(cv, x, dim):
     return x.type.shape[dim]
 
@@ -334,6 +403,23 @@ ATEN_TABLE = {
     aten.bitwise_or.Tensor: binary("logical_or"),
     aten.logical_not.default: unary("logical_not"),
     aten.bitwise_not.default: unary("logical_not"),
+    aten.logical_xor.default: binary("logical_xor"),
+    aten.remainder.Tensor: binary("remainder"),
+    aten.remainder.Scalar: binary("remainder"),
+    aten.floor_divide.default: binary("floor_divide"),
+    aten.isnan.default: unary("isnan"),
+    aten.isinf.default: unary("isinf"),
+    aten.sign.default: unary("sign"),
+    aten.floor.default: unary("floor"),
+    aten.ceil.default: unary("ceil"),
+    aten.round.default: unary("round"),
+    aten.trunc.default: unary("trunc"),
+    aten.log1p.default: unary("log1p"),
+    aten.expm1.default: unary("expm1"),
+    aten.tan.default: unary("tan"),
+    aten.atan.default: unary("atan"),
+    aten.clamp_min.default: lambda cv, x, min: clamp(cv, x, min=min),
+    aten.clamp_max.default: lambda cv, x, max: clamp(cv, x, max=max),
     aten.neg.default: unary("neg"),
     aten.abs.default: unary("abs"),
     aten.exp.default: unary("exp"),
@@ -357,7 +443,16 @@ ATEN_TABLE = {
     aten.mean.dim: reduction("mean"),
     aten.amax.default: reduction("amax"),
     aten.amin.default: reduction("amin"),
-    aten.argmax.default: lambda cv, x, dim, keepdim=False: cv.op("argmax", x, dim=dim, keepdim=keepdim),
+    aten.argmax.default: arg_reduction("argmax"),
+    aten.argmin.default: arg_reduction("argmin"),
+    aten.max.dim: reduce_with_index("amax", "argmax"),
+    aten.min.dim: reduce_with_index("amin", "argmin"),
+    aten.var.correction: var,
+    aten.var.dim: var_dim,
+    aten.cumsum.default: cumsum,
+    aten.tril.default: triangle("tril"),
+    aten.triu.default: triangle("triu"),
+    aten.gather.default: gather,
     # shapes and views
     aten.view.default: reshape,
     aten.reshape.default: reshape,
@@ -393,6 +488,12 @@ ATEN_TABLE = {
     # generators
     aten.full.default: full,
     aten.full_like.default: full_like,
+    aten.ones.default: filled(1),
+    aten.zeros.default: filled(0),
+    aten.ones_like.default: filled_like(1),
+    aten.zeros_like.default: filled_like(0),
+    aten.new_ones.default: new_filled(1),
+    aten.new_zeros.default: new_filled(0),
     aten.scalar_tensor.default: scalar_tensor,
     aten.arange.default: arange,
     aten.arange.start: arange,

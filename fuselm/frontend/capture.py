@@ -9,6 +9,11 @@
    and lifted constants become named IR constants, user inputs keep their names.
    Outputs are the user outputs, then the final value of every input the model updates
    in place (e.g. the KV cache), so no pass can drop a write.
+4. An op still unmapped after decomposition (or whose handler refuses its arguments,
+   `cv.unsupported`, or whose mapping cannot take its complex values) becomes an opaque
+   `aten` node that calls the overload (fuselm/ir/aten_op.py), as Inductor's fallback
+   kernels; `strict=True` refuses instead, naming the op and the model's source line.
+   A multi-result op gets one `aten` node per result the graph reads (attr `index`).
 """
 from __future__ import annotations
 
@@ -24,19 +29,23 @@ from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import UnsupportedOpError
+from ..ir.aten_op import OP as ATEN_OP, make_attrs
 from ..ir.graph import Graph, GraphBuilder, Value
-from ..ir.types import TensorType, as_dim, dtype_of, symbol
+from ..ir.registry import IRTypeError
+from ..ir.types import TensorType, as_dim, dim_str, dtype_of, symbol
 from .aten_table import ATEN_TABLE, PRESERVED_OPS, register_attention_ops
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
 
-def capture(module: torch.nn.Module, example_inputs, dynamic: Optional[dict] = None) -> Graph:
+def capture(module: torch.nn.Module, example_inputs, dynamic: Optional[dict] = None, strict: bool = False) -> Graph:
     """Export `module` on `example_inputs` and convert it to an IR graph.
 
     `dynamic` maps forward parameter names to `{dim: "SYM"}` or `{dim: ("SYM", min, max)}`;
     the same symbol on two inputs is one dimension, and an expression such as `"N+1"`
-    derives a dimension from a symbol used elsewhere.
+    derives a dimension from a symbol used elsewhere. An ATen op with no IR mapping
+    becomes an `aten` fallback node (`fuselm.ir.aten_op.fallback_ops(graph)` counts them);
+    with `strict=True` it raises UnsupportedOpError naming the op and the source line.
     """
     register_attention_ops()
     example_inputs = tuple(example_inputs)
@@ -47,7 +56,7 @@ def capture(module: torch.nn.Module, example_inputs, dynamic: Optional[dict] = N
         exported = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
         if unmapped_ops(exported):
             exported = exported.run_decompositions(decomposition_table())
-    return _Converter(exported, named_dims).run()
+    return _Converter(exported, named_dims, strict).run()
 
 
 def unmapped_ops(exported) -> set:
@@ -63,19 +72,25 @@ def decomposition_table() -> dict:
 
 
 # ----------------------------------------------------------------------------- dynamic shapes
+AUTO = "auto"  # a dynamic spec value: symbolic, named by torch (s0, s1...), relations inferred
+
+
 def _dynamic_shapes(names: list, dynamic: dict):
     """torch.export's dynamic_shapes for fuselm's spec, and [(input, dim, symbol text)]."""
     unknown = set(dynamic) - set(names)
     if unknown:
         raise ValueError(f"dynamic names {sorted(unknown)} are not parameters of forward{tuple(names)}")
     specs = [(name, dim, spec) for name in names for dim, spec in (dynamic.get(name) or {}).items()]
+    shapes = {name: ({} if dynamic.get(name) else None) for name in names}
+    for name, dim, spec in [s for s in specs if s[2] == AUTO]:  # torch names it and finds its relations
+        shapes[name][dim] = Dim.AUTO
+    specs = [s for s in specs if s[2] != AUTO]
     dims = {}
     for _, _, spec in specs:
         text, low, high = (spec, None, None) if isinstance(spec, str) else tuple(spec) + (None,) * (3 - len(spec))
         if text.isidentifier() and (text not in dims or low is not None):
             # torch's Dim names go through sympify, where N, S, E, I... are taken: prefix them.
             dims[text] = Dim(f"fuselm_{text}", **({"min": low} if low is not None else {}), **({"max": high} if high is not None else {}))
-    shapes = {name: ({} if dynamic.get(name) else None) for name in names}
     named_dims = []
     for name, dim, spec in specs:
         text = spec if isinstance(spec, str) else spec[0]
@@ -112,8 +127,9 @@ def source_of(fx_node) -> Optional[str]:
 
 
 class _Converter:
-    def __init__(self, exported, named_dims: list):
+    def __init__(self, exported, named_dims: list, strict: bool = False):
         self.exported = exported
+        self.strict = strict
         self.builder = GraphBuilder()
         self.env: dict = {}
         self.fx_node = None
@@ -195,12 +211,70 @@ class _Converter:
     def _call(self, fx_node):
         handler = ATEN_TABLE.get(fx_node.target)
         if handler is None:
-            target = fx_node.target
-            name = str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
-            raise UnsupportedOpError(name, source_of(fx_node))
+            symbolic = _symbolic_scalar(self, fx_node)
+            if symbolic is not None:
+                return symbolic[0]
+            if self.strict:
+                raise UnsupportedOpError(_op_name(fx_node.target), source_of(fx_node))
+            return self._fallback(fx_node)
         args = [self.arg(a) for a in fx_node.args]
         kwargs = {k: self.arg(v) for k, v in fx_node.kwargs.items()}
-        return handler(self, *args, **kwargs)
+        mark = len(self.builder.nodes)
+        try:
+            result = handler(self, *args, **kwargs)
+        except (UnsupportedOpError, IRTypeError) as err:
+            # The table knows the op but not this use of it (aten.index with several
+            # index tensors, say), or the IR op refuses its operand types.
+            if self.strict or not _can_fall_back(fx_node):
+                raise
+            del self.builder.nodes[mark:]
+            return self._fallback(fx_node, refused=err)
+        mismatch = _complex_mismatch(fx_node, result)
+        if mismatch:
+            # An IR op whose type rules do not know complex values (exp of c64 says f32):
+            # the mapping would lie about the type, so the op falls back as a whole.
+            if self.strict:
+                raise UnsupportedOpError(_op_name(fx_node.target), source_of(fx_node), mismatch)
+            del self.builder.nodes[mark:]
+            return self._fallback(fx_node)
+        return result
+
+    # -- fallbacks
+    def _fallback(self, fx_node, refused: Optional[Exception] = None):
+        """An `aten` node calling the op (one per result the graph reads, for tuples)."""
+        name = _op_name(fx_node.target)
+        if not _can_fall_back(fx_node):
+            why = ("it mutates its inputs" if isinstance(fx_node.target, torch._ops.OpOverload)
+                   else "it is not an ATen overload torch can call by name")
+            raise UnsupportedOpError(name, source_of(fx_node), f"no IR mapping, and no fallback: {why}") from refused
+        args = [self.arg(a) for a in fx_node.args]
+        kwargs = {k: self.arg(v) for k, v in fx_node.kwargs.items()}
+        val = fx_node.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            return _Results(lambda i: self._aten_node(fx_node, name, args, kwargs, val[i], i), len(val))
+        return self._aten_node(fx_node, name, args, kwargs, val, None)
+
+    def _aten_node(self, fx_node, name: str, args, kwargs, val, index: Optional[int]):
+        where = "" if index is None else f" (result {index})"
+        if not isinstance(val, torch.Tensor):
+            raise UnsupportedOpError(name, source_of(fx_node),
+                                     f"a fallback needs a tensor result{where}, torch records {type(val).__name__}")
+        try:
+            dtype = dtype_of(val.dtype)
+            shape = tuple(self._result_dim(s) for s in val.shape)
+            inputs, attrs = make_attrs(name, args, kwargs, self.is_value, shape, dtype, index)
+        except TypeError as err:
+            raise UnsupportedOpError(name, source_of(fx_node), f"no fallback: {err}") from None
+        found = source_of(fx_node)  # the op's line, also when a later getitem asks for result i
+        return self.builder.op(ATEN_OP, *inputs, source=found.split(" ", 1)[0] if found else None, **attrs)
+
+    def _result_dim(self, size):
+        """A result dim for an `aten` node's `shape`: a data-dependent size (nonzero's row
+        count, torch's unbacked u0) that no input binds is kept as text, out of reach of
+        the interpreter's binding (see fuselm/ir/aten_op.py)."""
+        dim = self.dim(size)
+        bound = set().union(*(v.type.symbols for v in self.builder.inputs))  # (inputs come first)
+        return dim if isinstance(dim, int) or dim.free_symbols <= bound else dim_str(dim)
 
     def _outputs(self, fx_node, signature) -> list:
         values = [self.env[a] for a in fx_node.args[0]]
@@ -208,3 +282,84 @@ class _Converter:
         user = [v for v, k in zip(values, kinds) if k == OutputKind.USER_OUTPUT]
         mutations = [v for v, k in zip(values, kinds) if k != OutputKind.USER_OUTPUT]
         return user + mutations + list(self.mutated.values())
+
+
+def _op_name(target) -> str:
+    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+
+
+def _can_fall_back(fx_node) -> bool:
+    """Only a functional op torch can call by name (not a higher-order op or operator.*)."""
+    target = fx_node.target
+    return isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable
+
+
+def _symbolic_scalar(cv, fx_node) -> Optional[tuple]:
+    """(value,) of a Python function on sizes the table lacks (operator.ge on a SymInt,
+    feeding a runtime assertion, say), evaluated on the dims; None if it is not one."""
+    target = fx_node.target
+    if isinstance(target, torch._ops.OpOverload) or not callable(target) or getattr(target, "__module__", None) not in (
+            "_operator", "operator", "math", "builtins"):
+        return None
+    if isinstance(fx_node.meta.get("val"), torch.Tensor) or any(isinstance(a, torch.fx.Node) and isinstance(
+            a.meta.get("val"), torch.Tensor) for a in fx_node.all_input_nodes):
+        return None
+    try:
+        return (target(*(cv.arg(a) for a in fx_node.args), **{k: cv.arg(v) for k, v in fx_node.kwargs.items()}),)
+    except (TypeError, ValueError, ArithmeticError):
+        return None
+
+
+def _complex_mismatch(fx_node, result) -> str:
+    """Why the table's mapping of an op touching complex values is wrong ('' if it is not)."""
+    def complex_tensor(x):
+        return isinstance(x, torch.Tensor) and x.is_complex()
+
+    scalars = _complex_scalars(fx_node)
+    if scalars:
+        return f"a complex scalar ({scalars[0]}) cannot be an IR attribute"
+    vals = [a.meta.get("val") for a in fx_node.all_input_nodes] + [fx_node.meta.get("val")]
+    vals = [v for x in vals for v in (x if isinstance(x, (tuple, list)) else (x,))]
+    if not any(complex_tensor(v) for v in vals):
+        return ""
+    expected = fx_node.meta.get("val")
+    pairs = zip(result, expected) if isinstance(result, tuple) and isinstance(expected, (tuple, list)) else [(result, expected)]
+    for value, val in pairs:
+        if isinstance(value, Value) and isinstance(val, torch.Tensor):
+            if value.type.dtype != _ir_dtype(val.dtype) or value.type.rank != val.dim():
+                return f"its IR mapping makes {value.type}, torch makes {val.dtype}{list(val.shape)}"
+    return ""
+
+
+def _complex_scalars(fx_node) -> list:
+    found: list = []
+    torch.fx.node.map_aggregate((fx_node.args, dict(fx_node.kwargs)),
+                                lambda x: found.append(x) if isinstance(x, complex) else None)
+    return found
+
+
+def _ir_dtype(torch_dtype) -> Optional[str]:
+    try:
+        return dtype_of(torch_dtype)
+    except TypeError:
+        return None
+
+
+class _Results:
+    """The results of a multi-result op that fell back: the `aten` node of result i is
+    made when the graph first reads it (operator.getitem), so unused results cost nothing."""
+
+    def __init__(self, make, count: int):
+        self._make, self._count, self._made = make, count, {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int):
+        index = range(self._count)[index]
+        if index not in self._made:
+            self._made[index] = self._make(index)
+        return self._made[index]
+
+    def __iter__(self):
+        return (self[i] for i in range(self._count))

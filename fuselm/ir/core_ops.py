@@ -64,7 +64,8 @@ def _binary_infer(comparison: bool):
             if "scalar" not in attrs:
                 raise IRTypeError("a one-input binary op needs a `scalar` attribute")
             shape = types[0].shape
-            dtype = torch.result_type(_meta(types[0]), attrs["scalar"])
+            scalar = 1 if isinstance(attrs["scalar"], sympy.Expr) else attrs["scalar"]  # a size: an int
+            dtype = torch.result_type(_meta(types[0]), scalar)
         return TensorType(shape, "bool" if comparison else dtype_of(dtype))
 
     return infer
@@ -94,6 +95,9 @@ _BINARY_OPS = {
     "ge": (torch.ge, True),
     "logical_and": (lambda a, b: torch.logical_and(torch.as_tensor(a), torch.as_tensor(b)), True),
     "logical_or": (lambda a, b: torch.logical_or(torch.as_tensor(a), torch.as_tensor(b)), True),
+    "logical_xor": (lambda a, b: torch.logical_xor(torch.as_tensor(a), torch.as_tensor(b)), True),
+    "remainder": (torch.remainder, False),  # Python's modulo: the sign of the divisor
+    "floor_divide": (torch.floor_divide, False),
 }
 for _name, (_fn, _cmp) in _BINARY_OPS.items():
     register(_name, _binary_infer(_cmp), _binary_reference(_fn), inputs=(1, 2))
@@ -101,20 +105,26 @@ for _name, (_fn, _cmp) in _BINARY_OPS.items():
 
 def _div_infer(types, attrs):
     result = _binary_infer(False)(types, attrs)
-    return result if result.is_float else result.with_dtype("f32")  # true division
+    return result if result.is_float or result.is_complex else result.with_dtype("f32")  # true division
 
 
 register("div", _div_infer, _binary_reference(torch.div), inputs=(1, 2))
 
 def _float_result(types, attrs):
     """Float functions of integers give f32, as in torch."""
-    return types[0] if types[0].is_float else types[0].with_dtype("f32")
+    return types[0] if types[0].is_float or types[0].is_complex else types[0].with_dtype("f32")
 
 
 _UNARY_OPS = {
     "neg": torch.neg,
     "abs": torch.abs,
     "relu": torch.relu,
+    "sign": torch.sign,
+    "floor": torch.floor,
+    "ceil": torch.ceil,
+    "round": torch.round,  # half to even, as torch
+    "trunc": torch.trunc,
+    "copy": torch.clone,  # a compact copy of a view (what `.contiguous()` makes)
 }
 _FLOAT_UNARY_OPS = {
     "exp": torch.exp,
@@ -128,6 +138,10 @@ _FLOAT_UNARY_OPS = {
     "erf": torch.erf,
     "sigmoid": torch.sigmoid,
     "silu": F.silu,
+    "log1p": torch.log1p,
+    "expm1": torch.expm1,
+    "tan": torch.tan,
+    "atan": torch.atan,
 }
 for _name, _fn in _UNARY_OPS.items():
     register(_name, _same, _fn)
@@ -135,6 +149,8 @@ for _name, _fn in _FLOAT_UNARY_OPS.items():
     register(_name, _float_result, _fn)
 
 register("logical_not", lambda t, a: t[0].with_dtype("bool"), torch.logical_not)
+register("isnan", lambda t, a: t[0].with_dtype("bool"), torch.isnan)
+register("isinf", lambda t, a: t[0].with_dtype("bool"), torch.isinf)
 register("gelu", _float_result, lambda x, approximate="none": F.gelu(x, approximate=approximate))
 register("cast", lambda t, a: t[0].with_dtype(a["dtype"]), lambda x, dtype: x.to(TensorType((), dtype).torch_dtype))
 
@@ -172,7 +188,7 @@ def _reduce_infer(types, attrs, dtype=None):
 
 
 def _sum_infer(types, attrs):
-    integer = not types[0].is_float
+    integer = not (types[0].is_float or types[0].is_complex)
     return _reduce_infer(types, attrs, "i64" if integer else None)  # torch sums integers in i64
 
 
@@ -185,8 +201,36 @@ register(
     lambda t, a: _reduce_infer(t, {"dims": (a["dim"],), "keepdim": a.get("keepdim", False)}, "i64"),
     lambda x, dim, keepdim=False: torch.argmax(x, dim=dim, keepdim=keepdim),
 )
+register(
+    "argmin",
+    lambda t, a: _reduce_infer(t, {"dims": (a["dim"],), "keepdim": a.get("keepdim", False)}, "i64"),
+    lambda x, dim, keepdim=False: torch.argmin(x, dim=dim, keepdim=keepdim),
+)
+# var {dims, keepdim, correction}: the sum of squared deviations / (count - correction).
+register("var", lambda t, a: _float_result([_reduce_infer(t, a)], a),
+         lambda x, dims, keepdim=False, correction=1: torch.var(x.float() if not x.is_floating_point() else x,
+                                                                dim=list(dims), keepdim=keepdim, correction=correction))
 register("softmax", _same, lambda x, dim: torch.softmax(x, dim=dim))
 register("log_softmax", _same, lambda x, dim: torch.log_softmax(x, dim=dim))
+
+
+def _cumsum_infer(types, attrs):
+    _norm_dim(attrs["dim"], types[0].rank)
+    return types[0] if types[0].is_float else types[0].with_dtype("i64")  # torch sums integers in i64
+
+
+register("cumsum", _cumsum_infer, lambda x, dim: torch.cumsum(x, dim=dim))
+
+
+# tril/triu {diagonal}: keep the lower/upper triangle of the last two dims, zero the rest.
+def _triangle_infer(types, attrs):
+    if types[0].rank < 2:
+        raise IRTypeError(f"tril/triu take a tensor of rank >= 2, got {types[0]}")
+    return types[0]
+
+
+register("tril", _triangle_infer, lambda x, diagonal=0: torch.tril(x, diagonal))
+register("triu", _triangle_infer, lambda x, diagonal=0: torch.triu(x, diagonal))
 
 
 # ----------------------------------------------------------------------------- linear algebra
@@ -290,7 +334,7 @@ def gemm_reference(x, w, *extras, epilogue=(), weight_layout=None, n=None):
     return y
 
 
-register("gemm", _gemm_infer, gemm_reference, inputs=(2, None))
+register("gemm", _gemm_infer, gemm_reference, inputs=(2, None), heavy=True)
 
 
 def _matmul_infer(types, attrs):
@@ -301,7 +345,7 @@ def _matmul_infer(types, attrs):
     return TensorType(batch + (a.shape[-2], b.shape[-1]), a.dtype)
 
 
-register("matmul", _matmul_infer, torch.matmul, inputs=2)
+register("matmul", _matmul_infer, torch.matmul, inputs=2, heavy=True)
 
 
 def _embedding_infer(types, attrs):
@@ -349,8 +393,8 @@ def _rms_norm(x, weight=None, eps=None):
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-register("layer_norm", _norm_infer, _with_residual(_layer_norm), inputs=(1, 4))
-register("rms_norm", _norm_infer, _with_residual(_rms_norm), inputs=(1, 3))
+register("layer_norm", _norm_infer, _with_residual(_layer_norm), inputs=(1, 4), heavy=True)
+register("rms_norm", _norm_infer, _with_residual(_rms_norm), inputs=(1, 3), heavy=True)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -365,7 +409,7 @@ def _attention(q, k, v, mask=None, causal=False, scale=None, gqa=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
-register("attention", _attention_infer, _attention, inputs=(3, 4))
+register("attention", _attention_infer, _attention, inputs=(3, 4), heavy=True)
 # rope(x[T,H,D], cos[T,D], sin[T,D]): rotary embedding, rotate-half convention.
 def _rope_infer(types, attrs):
     x, cos, sin = types
@@ -390,8 +434,8 @@ def _with_rope(op):
     return reference
 
 
-register("paged_attention", _same, _with_rope(attention_reference.paged_attention), inputs=(5, 7))
-register("kv_cache_write", _same, _with_rope(attention_reference.kv_cache_write), inputs=(4, 6), aliases_input=0)
+register("paged_attention", _same, _with_rope(attention_reference.paged_attention), inputs=(5, 7), heavy=True)
+register("kv_cache_write", _same, _with_rope(attention_reference.kv_cache_write), inputs=(4, 6), aliases_input=0, heavy=True)
 
 
 # ----------------------------------------------------------------------------- shapes and views
@@ -407,7 +451,7 @@ def _reshape_infer(types, attrs):
     return x.with_shape(shape)
 
 
-register("reshape", _reshape_infer, lambda x, shape: x.reshape(list(shape)))
+register("reshape", _reshape_infer, lambda x, shape: x.reshape(list(shape)), view=True)
 
 
 def _permute_infer(types, attrs):
@@ -417,7 +461,7 @@ def _permute_infer(types, attrs):
     return x.with_shape(x.shape[d] for d in dims)
 
 
-register("permute", _permute_infer, lambda x, dims: x.permute(list(dims)))
+register("permute", _permute_infer, lambda x, dims: x.permute(list(dims)), view=True)
 
 
 def _expand_infer(types, attrs):
@@ -428,7 +472,7 @@ def _expand_infer(types, attrs):
     return x.with_shape(out)
 
 
-register("expand", _expand_infer, lambda x, shape: x.expand(list(shape)))
+register("expand", _expand_infer, lambda x, shape: x.expand(list(shape)), view=True)
 
 
 def _slice_infer(types, attrs):
@@ -453,7 +497,7 @@ def _slice(x, dim, start=0, end=None, step=1):
     return x[tuple(index)]
 
 
-register("slice", _slice_infer, _slice)
+register("slice", _slice_infer, _slice, view=True)
 
 
 def _select_infer(types, attrs):
@@ -462,7 +506,7 @@ def _select_infer(types, attrs):
     return x.with_shape(x.shape[:dim] + x.shape[dim + 1 :])
 
 
-register("select", _select_infer, lambda x, dim, index: x.select(dim, index))
+register("select", _select_infer, lambda x, dim, index: x.select(dim, index), view=True)
 
 
 def _concat_infer(types, attrs):
@@ -492,6 +536,18 @@ def _index_select_infer(types, attrs):
 register("index_select", _index_select_infer, lambda x, index, dim: x.index_select(dim, index), inputs=2)
 
 
+def _gather_infer(types, attrs):
+    x, index = types
+    _norm_dim(attrs["dim"], x.rank)
+    if index.rank != x.rank or index.dtype not in ("i64", "i32"):
+        raise IRTypeError(f"gather takes an integer index of x's rank {x.rank}, got {index}")
+    return x.with_shape(index.shape)
+
+
+# gather {dim}: out[i][j][k] = x[index[i][j][k]][j][k] for dim=0 (torch.gather).
+register("gather", _gather_infer, lambda x, index, dim: torch.gather(x, dim, index.long()), inputs=2)
+
+
 # ----------------------------------------------------------------------------- generators
 register(
     "full",
@@ -512,3 +568,4 @@ register(
     lambda end, dtype, start=0, step=1: torch.arange(start, end, step, dtype=TensorType((), dtype).torch_dtype),
     inputs=0,
 )
+from . import aten_op  # noqa: E402,F401  (the fallback op `aten`)

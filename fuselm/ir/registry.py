@@ -3,6 +3,11 @@
 The reference is plain torch and defines what the op means; the interpreter runs it,
 and every pass and kernel is tested against it. An op that updates a buffer in place
 names the input it aliases (`aliases_input`): its result is that buffer, updated.
+
+Flags that partition and both backends read (one place, not a list per layer):
+  view      the result is a view of input 0 (reshape, permute, ...): no kernel of its own
+  heavy     a kernel of its own (gemm, norms, attention...), never fused into another
+  fallback  run by calling into torch (the `aten` op), never by a generated kernel
 """
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ class OpDef:
     min_inputs: int
     max_inputs: int
     aliases_input: Optional[int] = None
+    view: bool = False
+    heavy: bool = False
+    fallback: bool = False
 
     @property
     def has_side_effect(self) -> bool:
@@ -33,12 +41,33 @@ class OpDef:
 OPS: dict[str, OpDef] = {}
 
 
-def register(name: str, infer, reference, inputs=1, aliases_input: Optional[int] = None) -> None:
+def register(name: str, infer, reference, inputs=1, aliases_input: Optional[int] = None, *,
+             view: bool = False, heavy: bool = False, fallback: bool = False) -> None:
     """Register op `name`; `inputs` is a count or a (min, max) range (max None: variadic)."""
     low, high = inputs if isinstance(inputs, tuple) else (inputs, inputs)
     if name in OPS:
         raise ValueError(f"op {name!r} registered twice")
-    OPS[name] = OpDef(name, infer, reference, low, high if high is not None else 1 << 30, aliases_input)
+    OPS[name] = OpDef(name, infer, reference, low, high if high is not None else 1 << 30, aliases_input,
+                      view, heavy, fallback)
+
+
+def all_ops() -> dict:
+    """Every registered op, by name."""
+    from . import core_ops  # noqa: F401
+
+    return dict(OPS)
+
+
+def is_view(op: str) -> bool:
+    return get_op(op).view
+
+
+def is_heavy(op: str) -> bool:
+    return get_op(op).heavy
+
+
+def is_fallback(op: str) -> bool:
+    return get_op(op).fallback
 
 
 def get_op(name: str) -> OpDef:

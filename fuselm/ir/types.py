@@ -30,9 +30,12 @@ DTYPES: dict[str, torch.dtype] = {
     "u8": torch.uint8,
     "i4": torch.uint8,
     "bool": torch.bool,
+    "c64": torch.complex64,  # complex values flow between fallback (`aten`) nodes
+    "c128": torch.complex128,
 }
 _TORCH_TO_IR = {v: k for k, v in DTYPES.items() if k != "i4"}
 FLOAT_DTYPES = ("f64", "f32", "f16", "bf16")
+COMPLEX_DTYPES = ("c64", "c128")  # not floats: `is_float` is False for them
 
 
 def dtype_of(torch_dtype: torch.dtype) -> str:
@@ -123,6 +126,10 @@ class TensorType:
     @property
     def is_float(self) -> bool:
         return self.dtype in FLOAT_DTYPES
+
+    @property
+    def is_complex(self) -> bool:
+        return self.dtype in COMPLEX_DTYPES
 
     @property
     def symbols(self) -> set:

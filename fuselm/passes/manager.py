@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from ..errors import FuselmError
 from ..ir.graph import Graph
-from ..ir.verify import verify
+from ..ir.registry import IRTypeError
+from ..ir.verify import IRVerificationError, verify
 from .common_subexpressions import eliminate_common_subexpressions
 from .constant_folding import fold_constants
 from .dead_code import eliminate_dead_code
@@ -24,11 +26,18 @@ from .fuse_norm import fuse_norm
 from .fuse_sibling_gemms import fuse_sibling_gemms
 from .canonicalize import canonicalize
 from .layout import prepack_weights
+from .matmul_to_gemm import matmul_to_gemm
 
 Pass = tuple  # (name, Graph -> Graph)
 
+
+class PassError(FuselmError):
+    """A pass built an ill-typed or invalid graph (a fuselm bug, reported with the pass's name)."""
+
+# matmul_to_gemm before constant folding: `x @ W.t()` then reads W itself, not a folded copy.
 CLEANUP: list = [
     ("canonicalize", canonicalize),
+    ("matmul_to_gemm", matmul_to_gemm),
     ("constant_folding", fold_constants),
     ("common_subexpressions", eliminate_common_subexpressions),
     ("dead_code", eliminate_dead_code),
@@ -74,17 +83,20 @@ def run_passes(
     disable: Iterable[str] = (),
     dump_dir: Optional[str] = None,
 ) -> Graph:
-    passes = [p for p in (PIPELINE if passes is None else passes) if p[0] not in set(disable)]
-    known = {name for name, _ in (PIPELINE if passes is None else passes)} | {name for name, _ in PIPELINE}
-    unknown = set(disable) - known
+    passes = list(PIPELINE if passes is None else passes)
+    unknown = set(disable) - {name for name, _ in passes}
     if unknown:
-        raise ValueError(f"cannot disable unknown passes {sorted(unknown)}; the pipeline is {[n for n, _ in PIPELINE]}")
+        raise ValueError(f"cannot disable unknown passes {sorted(unknown)}; the pipeline is {[n for n, _ in passes]}")
+    passes = [p for p in passes if p[0] not in set(disable)]
     dump = _dumper(dump_dir)
     dump(0, "captured", graph)
     for index, (name, fn) in enumerate(passes, start=1):
-        graph = fn(graph)
-        if verification_enabled():
-            verify(graph)
+        try:
+            graph = fn(graph)
+            if verification_enabled():
+                verify(graph)
+        except (IRTypeError, IRVerificationError) as error:  # a pass bug: say which pass
+            raise PassError(f"fuselm pass {name!r} produced an invalid graph: {error}") from error
         dump(index, name, graph)
     return graph
 

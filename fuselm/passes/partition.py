@@ -1,8 +1,9 @@
 """Partition a graph into kernels: the unit codegen sees.
 
-1. Heavy ops (gemm, matmul, norms, attention and the cache ops) are one kernel each;
-   their fused forms already carry their epilogues.
-2. Views (reshape, permute, slice, select, expand) are free: the runtime applies them to
+1. Heavy ops (gemm, matmul, norms, attention and the cache ops: the `heavy` flag of the
+   op registry) are one kernel each; their fused forms already carry their epilogues.
+   So is each fallback op (run by torch).
+2. Views (ops with the `view` flag: reshape, permute, slice, select, expand) are free: the runtime applies them to
    tensors without copying, unless their only reader is a fusible op, which then
    reads through the view inside its own kernel.
 3. Every other op is fusible: it joins the kernel of each fusible producer whose only
@@ -10,7 +11,8 @@
    root is the one value read outside it.
 4. A kernel becomes a *group*: a small graph whose inputs are everything it reads from
    outside (weights too: constants become typed parameters, so identical layers share
-   one kernel) and whose output is its root. The cache ops get the cache of their own
+   one kernel) and whose output is its root; a group whose sizes its inputs do not give
+   (a mask made from `arange(T)`) also reads a graph input of that size, for its shape. The cache ops get the cache of their own
    layer (`cache_layer`, a [1, ...] view) and `layer=0`, so all layers share a kernel too.
 """
 from __future__ import annotations
@@ -19,11 +21,16 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..ir.graph import Graph, GraphBuilder, Node, Value, substitute_symbols
+from ..ir.registry import get_op
 from ..ir.types import symbol
 
-HEAVY_OPS = frozenset({"gemm", "matmul", "layer_norm", "rms_norm", "attention", "paged_attention", "kv_cache_write"})
-VIEW_OPS = frozenset({"reshape", "permute", "slice", "select", "expand"})
 CACHE_OPS = frozenset({"kv_cache_write", "paged_attention"})
+
+
+def _alone(op: str) -> bool:
+    """A kernel of its own: heavy ops, and fallbacks (run by torch, never fused)."""
+    definition = get_op(op)
+    return definition.heavy or definition.fallback
 
 
 @dataclass(eq=False)
@@ -58,7 +65,7 @@ def partition(graph: Graph) -> list:
         return n
 
     def fusible(n) -> bool:
-        return isinstance(n, Node) and n.op not in HEAVY_OPS and (n.op not in VIEW_OPS or n in absorbed)
+        return isinstance(n, Node) and not _alone(n.op) and (not get_op(n.op).view or n in absorbed)
 
     for node in graph.nodes:
         if fusible(node):
@@ -67,15 +74,15 @@ def partition(graph: Graph) -> list:
                     parent[find(producer)] = find(node)
     members: dict = {}
     for node in graph.nodes:
-        if node.op in VIEW_OPS and node not in absorbed:
+        if get_op(node.op).view and node not in absorbed:
             continue
         members.setdefault(find(node), []).append(node)
     steps = []
     for node in graph.nodes:
-        if node.op in VIEW_OPS and node not in absorbed:
+        if get_op(node.op).view and node not in absorbed:
             steps.append(ViewStep(node))
         elif find(node) is node:
-            steps.append(_group(members[node], node))
+            steps.append(_group(members[node], node, graph.inputs))
     return steps
 
 
@@ -84,14 +91,14 @@ def _views_read_inside_kernels(graph: Graph, users: dict) -> set:
     absorbed: set = set()
     for node in reversed(graph.nodes):
         readers = users.get(node, [])
-        if node.op in VIEW_OPS and len(readers) == 1 and node not in graph.outputs:
+        if get_op(node.op).view and len(readers) == 1 and node not in graph.outputs:
             reader = readers[0]
-            if reader.op not in HEAVY_OPS and (reader.op not in VIEW_OPS or reader in absorbed):
+            if not _alone(reader.op) and (not get_op(reader.op).view or reader in absorbed):
                 absorbed.add(node)
     return absorbed
 
 
-def _group(nodes: list, root: Node) -> KernelGroup:
+def _group(nodes: list, root: Node, graph_inputs: list) -> KernelGroup:
     inside = set(nodes)
     builder = GraphBuilder()
     params: dict = {}
@@ -110,8 +117,31 @@ def _group(nodes: list, root: Node) -> KernelGroup:
         inputs = tuple(env[v] if v in inside else param(v) for v in node.inputs)
         attrs = dict(node.attrs, layer=0) if cache_layer is not None else node.attrs
         env[node] = builder.op(node.op, *inputs, **attrs)
+    for value in _size_sources(nodes, tuple(params), graph_inputs):
+        param(value)
     graph = canonical_symbols(builder.build([env[root]]))
     return KernelGroup(graph, tuple(params), root, cache_layer, tuple(nodes))
+
+
+def _size_sources(nodes: list, params: tuple, graph_inputs: list) -> list:
+    """Graph inputs that give the sizes a kernel needs and its inputs do not (a mask built
+    from `arange(T)` alone): passed as extra inputs, read for their shapes only."""
+    known = set().union(*(v.type.symbols for v in params))
+    needed = set().union(*(n.type.symbols | _attr_symbols(n) for n in nodes)) - known
+    sources = []
+    for value in graph_inputs:
+        if needed & value.type.symbols:
+            sources.append(value)
+            needed -= value.type.symbols
+    return sources
+
+
+def _attr_symbols(node: Node) -> set:
+    found: set = set()
+    for value in node.attrs.values():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            found |= getattr(item, "free_symbols", set())
+    return found
 
 
 def canonical_symbols(graph: Graph) -> Graph:

@@ -6,7 +6,8 @@ an attribute given as a callable is a predicate, anything else must be equal.
 `Op(..., bind="g")` binds the matched node itself, `commutative=True` tries both input
 orders of a binary op.
 
-`rewrite(graph, rules, name)` walks the graph in order, again until nothing changes. At each node it tries the rules
+`rewrite(graph, rules, name)` walks the graph in order, again until nothing changes (it
+returns the same graph object when no rule fired). At each node it tries the rules
 whose root op matches; interior matched nodes must have no user outside the match (else
 fusing would compute them twice). The first rule that matches and whose builder returns
 something wins; a builder returns the value replacing the root, or a dict
@@ -125,18 +126,25 @@ def _bind(bindings: dict, name: Optional[str], value) -> bool:
     return True
 
 
+MAX_SWEEPS = 64  # rules that keep firing (a rewrite undone by another) stop here
+
+
 def rewrite(graph: Graph, rules: list, pass_name: str) -> Graph:
     """Apply `rules` until none fires (chains like gemm -> bias -> gelu take a sweep per
-    link); dead nodes are pruned between sweeps so they do not count as users."""
-    while True:
-        before = sum(v for k, v in counters.items() if k.startswith(pass_name + "."))
-        graph = prune(_sweep(graph, rules, pass_name))
-        if sum(v for k, v in counters.items() if k.startswith(pass_name + ".")) == before:
-            return graph
+    link), at most MAX_SWEEPS sweeps; dead nodes are pruned between sweeps so they do not
+    count as users. Returns `graph` itself when no rule fired: `result is graph` says
+    whether anything changed."""
+    result = graph
+    for _ in range(MAX_SWEEPS):
+        swept, fired = _sweep(result, rules, pass_name)
+        if not fired:
+            return result
+        result = prune(swept)
+    return result
 
 
-def _sweep(graph: Graph, rules: list, pass_name: str) -> Graph:
-    """One ordered sweep; counts `<pass_name>.<rule>` per rewrite."""
+def _sweep(graph: Graph, rules: list, pass_name: str) -> tuple:
+    """One ordered sweep; counts `<pass_name>.<rule>` per rewrite. (new graph, rewrites)."""
     by_root: dict = {}
     for rule in rules:
         for op in rule.pattern.op if isinstance(rule.pattern.op, tuple) else (rule.pattern.op,):
@@ -145,6 +153,7 @@ def _sweep(graph: Graph, rules: list, pass_name: str) -> Graph:
     builder = GraphBuilder(graph.constants)
     builder.inputs = list(graph.inputs)
     env: dict = {}
+    fired = 0
 
     def mapped(value):
         return builder.adopt(value) if isinstance(value, Constant) else env.get(value, value)
@@ -156,8 +165,9 @@ def _sweep(graph: Graph, rules: list, pass_name: str) -> Graph:
         if replaced is None:
             env[node] = copy_node(builder, node, tuple(mapped(v) for v in node.inputs))
         else:
+            fired += 1
             env.update(replaced)
-    return builder.build(mapped(v) for v in graph.outputs).without_unused_constants()
+    return builder.build(mapped(v) for v in graph.outputs).without_unused_constants(), fired
 
 
 def _try_rules(rules, node, uses, users, builder, mapped, pass_name) -> Optional[dict]:

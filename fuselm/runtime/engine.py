@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..api import cores_owned_by_kernels, target_device
+from ..target import Target, get_target
 from ..sampling_params import SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheManager, free_memory_budget, kv_bytes_per_token, num_blocks_for_budget
@@ -48,25 +48,26 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, loaded, target: str = "cpu", *, max_model_len: Optional[int] = None,
+    def __init__(self, loaded, target: Union[str, Target] = "cpu", *, max_model_len: Optional[int] = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, cache_dir: Optional[str] = None, forward=None,
                  donate_weights: bool = False, enforce_eager: bool = False):
         if loaded.tokenizer is None:
             raise ValueError(f"{loaded.source} has no tokenizer; the engine needs one")
+        target = get_target(target)
         self.config, self.tokenizer, self.target = loaded.config, loaded.tokenizer, target
         self.max_model_len = _check_max_model_len(max_model_len, self.config)
         _check_positive(max_num_seqs=max_num_seqs, block_size=block_size)
         dtype = next(loaded.model.parameters()).dtype
-        device = target_device(target)
+        device = target.device
         forward = forward or compile_lm(loaded, target, block_size, dtype, cache_dir, donate_weights)
         if donate_weights:
             release_module_weights(loaded.model)
         num_blocks = self._num_blocks(kv_cache_bytes, max_num_seqs, block_size, dtype, device)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(forward, self.config, self.kv, device, dtype)
-        if target == "cuda" and not enforce_eager:  # decode steps replay CUDA graphs
+        if target.cuda_graphs and not enforce_eager:  # decode steps replay CUDA graphs
             self.runner.use_decode_graphs(max_num_seqs, self.max_model_len, capture=device.type == "cuda")
         budget = max_num_batched_tokens or max(2048, max_num_seqs)
         _check_positive(max_num_batched_tokens=budget)
@@ -181,7 +182,7 @@ class LLMEngine:
         # The sampler's torch work runs on one thread too: torch's OpenMP workers would
         # otherwise spin after it and slow the kernels of the next step (measured 4x on
         # the decode attention).
-        with torch.no_grad(), cores_owned_by_kernels(self.target):
+        with torch.no_grad(), self.target.running():
             return self._step()
 
     def _step(self) -> list:
@@ -350,23 +351,19 @@ class LLMEngine:
             self.stats.kv_utilization.append(min(stored / held, 1.0))
 
 
-def compile_lm(loaded, target: str, block_size: int, dtype: torch.dtype, cache_dir: Optional[str],
+def compile_lm(loaded, target: Union[str, Target], block_size: int, dtype: torch.dtype, cache_dir: Optional[str],
                donate_weights: bool = False):
     """The model compiled for `target` in the LM contract, with symbolic batch sizes.
     `donate_weights`: the compiled layouts may reuse (and scramble) the module's weights."""
-    import contextlib
-
     from ..api import compile
-    from ..frontend.without_triton import without_triton
     from ..models.contract import capture_example
 
+    target = get_target(target)
     example, dynamic = capture_example(loaded.config, block_size=block_size, dtype=dtype)
-    device = target_device(target)
-    model = loaded.model.to(device)
-    example = tuple(t.to(device) for t in example)
-    with without_triton() if target == "cpu" else contextlib.nullcontext():
-        return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir,
-                       donate_weights=donate_weights)
+    model = loaded.model.to(target.device)
+    example = tuple(t.to(target.device) for t in example)
+    return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir,
+                   donate_weights=donate_weights)
 
 
 def release_module_weights(model: torch.nn.Module) -> None:

@@ -9,12 +9,16 @@ launch arguments, so one kernel serves every value of the group's symbolic dimen
 
 Emitters, one file per kind of group:
   gemm.py             gemm with its epilogue (bias, activations, gated_silu, residual)
+  matmul.py           matmul: batched, broadcast batch dims, operands read through their strides
   norm.py             rms_norm / layer_norm, optionally with the residual add
   attention.py        attention(q, k, v[, mask]) {causal, scale, gqa}, flash style
   paged_attention.py  paged_attention: causal varlen attention over a paged KV cache
   paged_decode.py     its split-KV (FlashDecoding) kernels, which its host wrapper picks for decode
   kv_cache_write.py   kv_cache_write: scatter new keys/values into the cache in place
-  elementwise.py      pointwise ops with broadcasting, views, concat, gathers, arange, rope
+  elementwise.py      pointwise ops with broadcasting, views, concat, gathers, tril/triu, arange, rope
+  reduction.py        groups with reductions (sum, mean, amax, amin, argmax, argmin, var),
+                      softmax / log_softmax or cumsum: a kernel per such node (its pointwise
+                      prologue inlined) writing an intermediate, then a pointwise kernel
 
 This package is the only part of fuselm that imports triton.
 """
@@ -27,11 +31,12 @@ from pathlib import Path
 from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph
 from ..kernel import Kernel
-from . import attention, elementwise, gemm, kv_cache_write, norm, paged_attention
+from . import attention, elementwise, gemm, kv_cache_write, matmul, norm, paged_attention, reduction
 from .host import plan_group, run_source
 from .module import IMPORTS, GeneratedKernel, load_module
 
-EMITTERS = {op: emitter for emitter in (gemm, norm, attention, paged_attention, kv_cache_write) for op in emitter.OPS}
+EMITTERS = {op: emitter for emitter in (gemm, matmul, norm, attention, paged_attention, kv_cache_write)
+            for op in emitter.OPS}
 
 
 def emit(group: Graph, kernel_dir: Path) -> Kernel:
@@ -67,6 +72,8 @@ def _generate(plan) -> GeneratedKernel:
         return EMITTERS[plan.compute[0].op].generate(plan.compute[0])
     if all(node.op in elementwise.OPS for node in plan.compute):
         return elementwise.generate(plan.compute, plan.compute_inputs)
+    if all(node.op in elementwise.OPS or node.op in reduction.OPS for node in plan.compute):
+        return reduction.generate(plan.compute, plan.compute_inputs)
     ops = ", ".join(node.op for node in plan.compute)
     raise UnsupportedKernelError(f"no Triton emitter for a group of [{ops}]")
 

@@ -1,25 +1,34 @@
 """Pointwise groups: elementwise ops with broadcasting, plus the ops that only move
-elements (views, concat, gathers, arange, rope), generated as index expressions.
+elements (views, concat, gathers, tril/triu, arange, rope), generated as index expressions.
 
 One program computes BLOCK output elements. Each element's coordinates come from its
 flat index; every node is then evaluated at coordinates of its own shape, working from
 the root to the inputs: a broadcast reads coordinate 0, a permute reorders coordinates,
 a reshape goes through the flat index, a slice offsets one, concat picks a part with
-tl.where, embedding/index_select load the index first and read the table there. Inputs
-are read through their strides, so no copy is made of a strided or broadcast input.
+tl.where, embedding/index_select/gather load the index first and read the source there,
+tril/triu compare the last two coordinates. Ops that take more than an expression
+(round half to even, log1p, expm1, atan, Python's modulo and floor division) call small
+device functions pasted into the module; NaN propagates through max/min/relu as in
+torch. Inputs are read through their strides, so no copy is made of a strided or
+broadcast input.
 Float math runs in fp32 (fp64 stays fp64) and rounds once at the store; a `cast` to a
 narrower float rounds where the IR says. Integer and bool values keep their types.
 Symbolic sizes are kernel arguments, bound from the input shapes at launch.
+
+`IndexCodegen` is also what reduction.py uses to compute a reduction's prologue (the
+pointwise ops and views it reads through) at the coordinates of its loop.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 
 import sympy
 
 from ...errors import UnsupportedKernelError
 from ...ir.graph import Node, Value
+from ...ir.registry import is_view
 from ...ir.types import dim_str
 from .device_functions import ACTIVATIONS
 from .module import TRITON_NAMES, GeneratedKernel, torch_dtype_name
@@ -28,23 +37,97 @@ UNARY = {
     "neg": "-{a}", "abs": "tl.abs({a})", "exp": "tl.exp({a})", "log": "tl.log({a})", "sqrt": "tl.sqrt({a})",
     "rsqrt": "tl.rsqrt({a})", "reciprocal": "1.0 / {a}", "sin": "tl.sin({a})", "cos": "tl.cos({a})",
     "tanh": "2.0 * tl.sigmoid(2.0 * {a}) - 1.0", "erf": "tl.erf({a})", "sigmoid": "tl.sigmoid({a})",
-    "relu": "relu({a})", "silu": "silu({a})", "logical_not": "{a} == 0",
+    "relu": "tl.maximum({a}, 0{nan})", "silu": "silu({a})", "logical_not": "{a} == 0",
+    "isnan": "{a} != {a}", "isinf": '({a} == float("inf")) | ({a} == float("-inf"))',
+    "sign": "({a} > 0).to({t}) - ({a} < 0).to({t})", "floor": "tl.floor({a})", "ceil": "tl.ceil({a})",
+    "round": "round_half_even({a})", "trunc": "tl.where({a} < 0, tl.ceil({a}), tl.floor({a}))",
+    "log1p": "log1p({a})", "expm1": "expm1({a})", "tan": "tl.sin({a}) / tl.cos({a})", "atan": "atan({a})",
+    "copy": "{a}",
 }
 BINARY = {
     "add": "{a} + {b}", "sub": "{a} - {b}", "mul": "{a} * {b}", "div": "{a} / {b}",
     "maximum": "tl.maximum({a}, {b}{nan})", "minimum": "tl.minimum({a}, {b}{nan})",
     "eq": "{a} == {b}", "ne": "{a} != {b}", "lt": "{a} < {b}", "le": "{a} <= {b}", "gt": "{a} > {b}", "ge": "{a} >= {b}",
-    "logical_and": "({a} != 0) & ({b} != 0)", "logical_or": "({a} != 0) | ({b} != 0)", "pow": "pow",
+    "logical_and": "({a} != 0) & ({b} != 0)", "logical_or": "({a} != 0) | ({b} != 0)",
+    "logical_xor": "({a} != 0) != ({b} != 0)", "pow": "pow",
+    "remainder": "remainder({a}, {b})", "floor_divide": "floor_divide_{kind}({a}, {b})",
 }
-MOVES = ("reshape", "permute", "expand", "slice", "select", "concat", "embedding", "index_select", "arange", "full", "rope")
+INTEGER_IDENTITY = ("floor", "ceil", "round", "trunc")  # integers are already whole numbers
+MOVES = ("reshape", "permute", "expand", "slice", "select", "concat", "embedding", "index_select", "gather",
+         "tril", "triu", "arange", "full", "rope")
 OPS = tuple(UNARY) + tuple(BINARY) + ("gelu", "cast", "where", "masked_fill") + MOVES
-RAW_OPERANDS = ("eq", "ne", "lt", "le", "gt", "ge", "cast", "logical_and", "logical_or", "logical_not")
+RAW_OPERANDS = ("eq", "ne", "lt", "le", "gt", "ge", "cast", "logical_and", "logical_or", "logical_xor", "logical_not",
+                "isnan", "isinf")
 BLOCK = 1024
 
 
 def compute_dtype(dtype: str) -> str:
     """The Triton type a value of IR `dtype` is computed in."""
+    if dtype not in TRITON_NAMES:
+        raise UnsupportedKernelError(f"no Triton kernels for dtype {dtype}")
     return {"f16": "tl.float32", "bf16": "tl.float32", "f32": "tl.float32"}.get(dtype, TRITON_NAMES[dtype])
+
+
+# Device functions of the pointwise ops that take more than one line (beside the activations).
+POINTWISE_HELPERS = {
+    "round_half_even": '''@triton.jit
+def round_half_even(x):
+    """torch.round: the nearest whole number, ties to even (x - floor(x) is exact)."""
+    down = tl.floor(x)
+    frac = x - down
+    odd = down - 2.0 * tl.floor(down * 0.5) != 0.0
+    return tl.where((frac > 0.5) | ((frac == 0.5) & odd), down + 1.0, down)
+''',
+    "log1p": '''@triton.jit
+def log1p(x):
+    """log(1 + x), exact for tiny x: log(u) * x / (u - 1) cancels the rounding of u = 1 + x."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.where(u == float("inf"), u, tl.log(u) * (x / (u - 1.0))))
+''',
+    "expm1": '''@triton.jit
+def expm1(x):
+    """exp(x) - 1, exact for tiny x: (u - 1) * x / log(u) cancels the rounding of u = exp(x)."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    return tl.where(u == 1.0, x, tl.where((um1 == -1.0) | (u == float("inf")), um1, um1 * (x / tl.log(u))))
+''',
+    "atan": '''@triton.jit
+def atan(x):
+    """Arctangent as Cephes' atanf: |x| reduced to [0, tan(pi/8)], then an odd polynomial."""
+    a = tl.abs(x)
+    big = a > 2.414213562373095
+    mid = a > 0.4142135623730950
+    t = tl.where(big, -1.0 / a, tl.where(mid, (a - 1.0) / (a + 1.0), a))
+    base = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0))
+    z = t * t
+    y = base + (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z * t + t
+    return tl.where(x < 0, -y, y)
+''',
+    "remainder": '''@triton.jit
+def remainder(a, b):
+    """Python's modulo (torch.remainder): `%` is C's (the dividend's sign), moved to the divisor's."""
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+''',
+    "floor_divide_int": '''@triton.jit
+def floor_divide_int(a, b):
+    """torch.floor_divide of integers: `//` truncates, so one less where inexact with signs apart."""
+    q = a // b
+    return tl.where((q * b != a) & ((a < 0) != (b < 0)), q - 1, q)
+''',
+    "floor_divide_float": '''@triton.jit
+def floor_divide_float(a, b):
+    """torch.floor_divide of floats, as torch computes it: (a - fmod(a, b)) / b, corrected."""
+    mod = a % b
+    div = (a - mod) / b
+    div = tl.where((mod != 0) & ((b < 0) != (mod < 0)), div - 1.0, div)
+    down = tl.floor(div)
+    down = tl.where(div - down > 0.5, down + 1.0, down)
+    zero = tl.where(a / b < 0, -0.0, 0.0)
+    return tl.where(b == 0, a / b, tl.where(div == 0, zero, down))
+''',
+}
+HELPERS = {**ACTIVATIONS, **POINTWISE_HELPERS}
 
 
 def generate(nodes: list, inputs: list) -> GeneratedKernel:
@@ -52,29 +135,45 @@ def generate(nodes: list, inputs: list) -> GeneratedKernel:
     if not inputs:
         raise UnsupportedKernelError("a pointwise group with no inputs has no device to run on")
     codegen = IndexCodegen(inputs)
-    coords = codegen.output_coordinates(root.type.shape)
-    result = codegen.value(root, coords)
-    codegen.lines.append(f"tl.store(out_ptr + offs, {result}.to(out_ptr.dtype.element_ty), mask=mask)")
-    kernel = _kernel(len(inputs), codegen, [v.type.rank for v in inputs])
-    ops = [n.op for n in nodes if n.op not in ("reshape", "permute", "expand", "slice", "select")] or [root.op]
+    kernel = pointwise_kernel("NAME", root, codegen)
+    ops = [n.op for n in nodes if not is_view(n.op)] or [root.op]
     digest = hashlib.sha256(kernel.encode()).hexdigest()[:6]
     name = "_".join(["pointwise", *dict.fromkeys(ops), root.type.dtype, digest])
-    helpers = [ACTIVATIONS[h] for h in sorted(codegen.helpers)]
-    body = "\n\n".join(helpers + [kernel.replace("NAME", name), _launch(name, inputs, root, codegen)])
+    body = "\n\n".join(helper_sources(codegen.helpers) + [kernel.replace("NAME", name), _launch(name, inputs, root, codegen)])
     summary = f"pointwise {' -> '.join(n.op for n in nodes)} into {root.type}"
     return GeneratedKernel(name, summary, body, tuple(f"in{i}" for i in range(len(inputs))))
 
 
-class IndexCodegen:
-    """Kernel lines computing values at index expressions (strings), memoized."""
+def pointwise_kernel(name: str, root: Node, codegen: "IndexCodegen") -> str:
+    """The @triton.jit kernel `<name>_kernel` storing `root` (contiguous) at BLOCK elements per program."""
+    coords = codegen.output_coordinates(root.type.shape)
+    result = codegen.value(root, coords)
+    codegen.lines.append(f"tl.store(out_ptr + offs, {result}.to(out_ptr.dtype.element_ty), mask=mask)")
+    return _kernel(len(codegen.inputs), codegen, [v.type.rank for v in codegen.inputs]).replace("NAME", name)
 
-    def __init__(self, inputs: list):
+
+def helper_sources(helpers: set) -> list:
+    """The source of each device function a kernel calls, in a stable order."""
+    return [HELPERS[h] for h in sorted(helpers)]
+
+
+class IndexCodegen:
+    """Kernel lines computing values at index expressions (strings), memoized.
+
+    Several codegens of one kernel (a reduction's loops) share `symbols` and `helpers`
+    and keep their variables apart by `prefix`; `lanes` names the kernel's BLOCK-long
+    index vector, which a load at no varying coordinate is broadcast over.
+    """
+
+    def __init__(self, inputs: list, symbols: dict = None, helpers: set = None, prefix: str = "", lanes: str = "offs"):
         self.inputs = {value: i for i, value in enumerate(inputs)}
-        self.symbols: dict = {}  # sympy symbol -> kernel argument name
+        self.symbols: dict = {} if symbols is None else symbols  # sympy symbol -> kernel argument name
         self.lines: list = []
-        self.helpers: set = set()
+        self.helpers: set = set() if helpers is None else helpers
+        self.prefix, self.lanes = prefix, lanes
         self._indices: dict = {}  # expression -> index variable
         self._values: dict = {}  # (value, coordinates) -> variable
+        self._count = 0  # value variables so far
 
     # ------------------------------------------------------------------ sizes and indices
     def dim(self, d) -> str:
@@ -90,12 +189,13 @@ class IndexCodegen:
     def index(self, expression: str) -> str:
         """An index variable holding `expression` (one line per distinct expression)."""
         if expression not in self._indices:
-            self._indices[expression] = f"j{len(self._indices)}"
+            self._indices[expression] = f"{self.prefix}j{len(self._indices)}"
             self.lines.append(f"{self._indices[expression]} = {expression}")
         return self._indices[expression]
 
-    def output_coordinates(self, shape) -> tuple:
-        coords, rest = [], "offs"
+    def output_coordinates(self, shape, flat: str = "offs") -> tuple:
+        """Coordinates in `shape` of the row-major flat index `flat`."""
+        coords, rest = [], flat
         for axis in reversed(range(len(shape))):
             size = self.dim(shape[axis])
             coords.insert(0, self.index(f"{rest} % ({size})") if axis else rest)
@@ -124,13 +224,14 @@ class IndexCodegen:
             if expression.isidentifier():  # a view: the same variable
                 self._values[key] = expression
             else:
-                self._values[key] = f"v{sum(line.startswith('v') for line in self.lines)}"
+                self._values[key] = f"{self.prefix}v{self._count}"
+                self._count += 1
                 self.lines.append(f"{self._values[key]} = {expression}")
         return self._values[key]
 
     def _load(self, value: Value, coords: tuple) -> str:
         i = self.inputs[value]
-        offset = " + ".join(f"{c} * in{i}_s{axis}" for axis, c in enumerate(coords) if c != "0") or "0"
+        offset = " + ".join(f"{c} * in{i}_s{axis}" for axis, c in enumerate(coords) if c != "0") or f"{self.lanes} * 0"
         load = f"tl.load(in{i}_ptr + {offset}, mask=mask, other=0)"
         if value.type.dtype == "bool":  # bool tensors arrive as uint8 views
             return f"{load} != 0"
@@ -147,6 +248,9 @@ class IndexCodegen:
         if node.op in MOVES:
             return getattr(self, f"_{node.op}")(node, coords)
         args = [self._operand(node, v, coords) for v in node.inputs]
+        scalar = node.attrs.get("scalar")
+        if isinstance(scalar, sympy.Expr):  # a size (x * T): the kernel's size argument
+            return pointwise_expression(node, args, self.helpers, f"({self.dim(scalar)})")
         return pointwise_expression(node, args, self.helpers)
 
     # ------------------------------------------------------------------ element moves
@@ -188,6 +292,8 @@ class IndexCodegen:
         axis = node.attrs["dim"] % node.type.rank
         parts, offset = [], "0"
         for part in node.inputs:
+            if part.type.shape[axis] == 0:  # an empty part (phi3's empty pass-through): nothing to read
+                continue
             size = self.dim(part.type.shape[axis])
             local = self.index(f"tl.minimum(tl.maximum({coords[axis]} - ({offset}), 0), {size} - 1)")
             inside = coords[:axis] + (local,) + coords[axis + 1:]
@@ -209,6 +315,20 @@ class IndexCodegen:
         row = self.index(f"{self.value(index, (coords[axis],))}.to(tl.int64)")
         return self.value(source, coords[:axis] + (row,) + coords[axis + 1:])
 
+    def _gather(self, node, coords):
+        source, index = node.inputs
+        axis = node.attrs["dim"] % source.type.rank
+        row = self.index(f"{self.value(index, coords)}.to(tl.int64)")
+        return self.value(source, coords[:axis] + (row,) + coords[axis + 1:])
+
+    def _triangle(self, node, coords):
+        """tril / triu: the element where column - row is on the kept side of `diagonal`, else 0."""
+        keep = f"{coords[-1]} - {coords[-2]} {'<=' if node.op == 'tril' else '>='} {node.attrs.get('diagonal', 0)}"
+        x = self._operand(node, node.inputs[0], coords)
+        return f"({keep}) & {x}" if node.type.dtype == "bool" else f"tl.where({keep}, {x}, 0)"
+
+    _tril = _triu = _triangle
+
     def _arange(self, node, coords):
         start, step = node.attrs.get("start", 0), node.attrs.get("step", 1)
         return f"({literal(start)} + {coords[0]} * {literal(step)}).to({compute_dtype(node.type.dtype)})"
@@ -226,29 +346,37 @@ class IndexCodegen:
         return f"{self.value(x, coords)} * {cos_v} + {rotated} * {sin_v}"
 
 
-def pointwise_expression(node: Node, args: list, helpers: set) -> str:
+def pointwise_expression(node: Node, args: list, helpers: set, scalar_text: str = None) -> str:
+    """`scalar_text`: the scalar operand's spelling when it is not a literal (a size)."""
     op, attrs, ctype = node.op, node.attrs, compute_dtype(node.type.dtype)
+    is_float = ctype.startswith("tl.float")
+    nan = ", propagate_nan=tl.PropagateNan.ALL" if is_float else ""  # NaN wins, as in torch
     if op in BINARY and len(args) == 1:  # tensor op scalar
-        scalar = literal(attrs["scalar"])
+        scalar = scalar_text or literal(attrs["scalar"])
+        if op in ("remainder", "floor_divide"):  # their device functions take tensors
+            scalar = f"tl.full((), {scalar}, {ctype})"
         args = [scalar, args[0]] if attrs.get("reverse", False) else [args[0], scalar]
     if op == "pow":
         return _pow(*args)
-    if op in BINARY:
-        nan = ", propagate_nan=tl.PropagateNan.ALL" if ctype.startswith("tl.float") else ""
-        return BINARY[op].format(a=args[0], b=args[1], nan=nan)
-    if op in ("relu", "silu", "gelu"):
-        helper = "gelu_tanh" if op == "gelu" and attrs.get("approximate", "none") == "tanh" else op
-        helpers.add(helper)
-        return f"{helper}({args[0]})"
-    if op in UNARY:
-        return UNARY[op].format(a=args[0])
-    if op == "cast":
-        return _cast(attrs["dtype"], args[0])
-    if op == "where":
-        return f"tl.where({args[0]}, {args[1]}, {args[2]})"
-    if op == "masked_fill":
-        return f"tl.where({args[1]}, {literal(float(attrs['value']))}, {args[0]})"
-    raise UnsupportedKernelError(f"no pointwise form for {op}")
+    if op == "gelu":
+        op = "gelu_tanh" if attrs.get("approximate", "none") == "tanh" else "gelu"
+        expression = f"{op}({args[0]})"
+    elif (op in INTEGER_IDENTITY and not is_float) or (op == "sign" and node.type.dtype == "bool"):
+        expression = args[0]
+    elif op in BINARY:
+        expression = BINARY[op].format(a=args[0], b=args[1], nan=nan, kind="float" if is_float else "int")
+    elif op in UNARY:
+        expression = UNARY[op].format(a=args[0], t=ctype, nan=nan)
+    elif op == "cast":
+        expression = _cast(attrs["dtype"], args[0])
+    elif op == "where":
+        expression = f"tl.where({args[0]}, {args[1]}, {args[2]})"
+    elif op == "masked_fill":
+        expression = f"tl.where({args[1]}, {literal(float(attrs['value']))}, {args[0]})"
+    else:
+        raise UnsupportedKernelError(f"no pointwise form for {op}")
+    helpers.update(name for name in re.findall(r"(?<![.\w])(\w+)\(", expression) if name in HELPERS)
+    return expression
 
 
 def literal(value) -> str:
@@ -302,17 +430,33 @@ def NAME_kernel(
 '''
 
 
-def _launch(name: str, inputs: list, root: Node, codegen: IndexCodegen) -> str:
-    params = [f"in{i}" for i in range(len(inputs))]
-    sources = {}
-    for i, value in enumerate(inputs):
+def symbol_bindings(symbols: dict, inputs: list, params: list) -> list:
+    """Host lines `size_n0 = in0.shape[0]` binding each kernel size argument from an input's
+    shape; a size seen only inside a product (a view's [n0*n1, n2]) is divided out of it."""
+    sources, products = {}, []
+    for param, value in zip(params, inputs):
         for axis, d in enumerate(value.type.shape):
             if isinstance(d, sympy.Symbol):
-                sources.setdefault(d, f"{params[i]}.shape[{axis}]")
-    missing = [s for s in codegen.symbols if s not in sources]
-    if missing:
-        raise UnsupportedKernelError(f"sizes {missing} are not dimensions of any input")
-    symbols = [f"    {arg} = {sources[s]}" for s, arg in codegen.symbols.items()]
+                sources.setdefault(d, f"{param}.shape[{axis}]")
+            elif isinstance(d, sympy.Expr):
+                products.append((d, f"{param}.shape[{axis}]"))
+    lines = [f"{symbols[s]} = {sources[s]}" for s in symbols if s in sources]
+    for s in [s for s in symbols if s not in sources]:
+        for d, size in products:
+            rest = sympy.simplify(d / s)
+            if s not in rest.free_symbols and rest.free_symbols <= set(sources):
+                divisor = dim_str(rest.subs({k: sympy.Symbol(symbols.get(k, f"size_{k}")) for k in rest.free_symbols}))
+                lines.append(f"{symbols[s]} = {size} // ({divisor})")
+                sources[s] = size
+                break
+        else:
+            raise UnsupportedKernelError(f"size {s} is not a dimension of any input")
+    return lines
+
+
+def _launch(name: str, inputs: list, root: Node, codegen: IndexCodegen) -> str:
+    params = [f"in{i}" for i in range(len(inputs))]
+    symbols = ["    " + line for line in symbol_bindings(codegen.symbols, inputs, params)]
     out_shape = ", ".join(codegen.dim(d) for d in root.type.shape)
     return f'''def launch({", ".join(params)}):
     """Binds the symbolic sizes, allocates the output, launches."""

@@ -14,9 +14,8 @@ import sympy
 
 from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph, Input, Node
+from ...ir.registry import is_view
 from ...ir.types import dim_str
-
-VIEW_OPS = ("reshape", "permute", "slice", "select", "expand")
 
 
 @dataclass
@@ -36,10 +35,10 @@ def plan_group(group: Graph, single_node_ops: tuple) -> GroupPlan:
     """Split a group into views before, compute nodes, views after."""
     prologue, rest = [], []
     for node in group.nodes:
-        is_prologue = node.op in VIEW_OPS and all(isinstance(v, Input) or v in prologue for v in node.inputs)
+        is_prologue = is_view(node.op) and all(isinstance(v, Input) or v in prologue for v in node.inputs)
         (prologue if is_prologue else rest).append(node)
     epilogue = []
-    while rest and rest[-1].op in VIEW_OPS and len(rest) > 1:
+    while rest and is_view(rest[-1].op) and len(rest) > 1:
         epilogue.insert(0, rest.pop())
     compute = rest
     if not compute:
@@ -50,9 +49,29 @@ def plan_group(group: Graph, single_node_ops: tuple) -> GroupPlan:
     else:
         inside = set(compute)
         reads = dict.fromkeys(v for n in compute for v in n.inputs if v not in inside)
+        reads.update(dict.fromkeys(_size_sources(group, list(reads), compute)))  # read for their shapes only
         order = {v: i for i, v in enumerate(group.inputs + prologue)}  # the group's order where it can
         inputs = sorted(reads, key=order.__getitem__)
     return GroupPlan(prologue, compute, inputs, epilogue)
+
+
+def _size_sources(group: Graph, reads: list, compute: list) -> list:
+    """Group inputs whose shapes give sizes the kernel uses that no value it reads has as
+    a dimension of its own (a view flattened them into a product, or nothing reads them)."""
+    def bare(values):
+        return {d for v in values for d in v.type.shape if isinstance(d, sympy.Symbol)}
+
+    used = set().union(*(n.type.symbols for n in compute))
+    for node in compute:
+        for value in node.attrs.values():
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                used |= getattr(item, "free_symbols", set())
+    missing, sources = used - bare(reads), []
+    for value in group.inputs:
+        if missing & bare([value]):
+            sources.append(value)
+            missing -= bare([value])
+    return sources
 
 
 def _check_chain(group: Graph, compute: list, epilogue: list) -> None:
@@ -85,8 +104,12 @@ def _value_names(group: Graph, plan: GroupPlan, params: tuple) -> dict:
     for value, param in zip(plan.compute_inputs, params):
         if isinstance(value, Input) and value not in names and param not in names.values():
             names[value] = param
+    taken = set(names.values())
     for i, value in enumerate(group.inputs):
-        names.setdefault(value, f"in{i}")
+        if value not in names:  # the next free inN (a kernel parameter may hold this one's)
+            names[value] = next(f"in{j}" for j in range(i, i + len(group.inputs) + len(taken) + 1)
+                                if f"in{j}" not in taken)
+            taken.add(names[value])
     for i, node in enumerate(plan.prologue):
         names[node] = f"view{i}"
     return names

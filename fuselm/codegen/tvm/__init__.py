@@ -14,12 +14,14 @@ this process built: a new size of a symbolic dim builds nothing.
 Emitters, one file per kind of group, each with `generate(group) -> (name, {function:
 PrimFunc})` and `make_run(group, functions) -> run`:
   gemm.py         gemm with its epilogue; GEMV forms for few rows, a packed GEMM above
+  matmul.py       matmul (torch.matmul, batch dims broadcast): packed panels of b, a
+                  register-tiled micro-kernel; b read in place when given transposed
   norm.py         rms_norm / layer_norm, optionally with the residual add
   elementwise.py  any group of pointwise, view, reduction, gather, rope and attention
                   ops: lowering.py holds the op -> TE table (attention.py adds attention),
                   then one generic schedule
   paged.py        paged_attention and kv_cache_write, in TVMScript (data-dependent loops)
-A gemm, norm or cache op may come with views (reshape, permute, ...) of its inputs
+A gemm, matmul, norm or cache op may come with views (reshape, permute, ...) of its inputs
 before it and of its result after it: `run` applies those to the torch tensors.
 
 This package is the only part of fuselm that imports tvm.
@@ -39,12 +41,11 @@ from typing import Optional  # noqa: E402
 from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph, Input, Node  # noqa: E402
 from ...ir.interpreter import concrete_attr  # noqa: E402
-from ...ir.registry import get_op  # noqa: E402
+from ...ir.registry import get_op, is_view  # noqa: E402
 from ..kernel import Kernel, group_key  # noqa: E402
 from .build import ShapeBinder, build, build_count, load_built  # noqa: E402
 
 __all__ = ["emit", "load", "build_count"]
-VIEW_OPS = ("reshape", "permute", "slice", "select", "expand")
 
 
 def emit(group: Graph, directory: Optional[Path] = None) -> Kernel:
@@ -78,19 +79,19 @@ class _Plan:
 
 
 def _plan(group: Graph) -> _Plan:
-    from . import elementwise, gemm, norm, paged
+    from . import elementwise, gemm, matmul, norm, paged
 
     if group.constants:
         raise ValueError("a kernel group takes its weights as inputs; it holds no constants")
     if len(group.outputs) != 1:
         raise UnsupportedKernelError(f"a kernel group has one output, this one has {len(group.outputs)}")
-    single = {op: m for m in (gemm, norm, paged) for op in m.OPS}
+    single = {op: m for m in (gemm, matmul, norm, paged) for op in m.OPS}
     ops = [node.op for node in group.nodes]
     if len(ops) == 1 and ops[0] in single:
         return _Plan(group, group, single[ops[0]])
     if all(op in elementwise.OPS and op not in single for op in ops):
         return _Plan(group, group, elementwise)
-    heavy = [node for node in group.nodes if node.op not in VIEW_OPS]
+    heavy = [node for node in group.nodes if not is_view(node.op)]
     if len(heavy) == 1 and heavy[0].op in single:
         return _with_views(group, heavy[0], single[heavy[0].op])
     raise UnsupportedKernelError(f"no cpu emitter for a group of {ops}")

@@ -254,8 +254,8 @@ def tiled_func(node, parallel: bool = True):
                                 sc[r, j] = sc[r, j] + T.Cast("float32", mask[
                                     mb, mh, T.min(q0 + T.min(T.int64(r), rows - 1), MS - 1),
                                     c * KC + j])
-                        if causal:
-                            sc[r, j] = T.Select(c * KC + j <= q0 + r, sc[r, j], NEG)
+                        if causal:  # key j <= query row, and a real key (S_q > S_k: past SK is padding)
+                            sc[r, j] = T.Select(c * KC + j <= T.min(q0 + r, SK - 1), sc[r, j], NEG)
                         else:
                             sc[r, j] = T.Select(c * KC + j < SK, sc[r, j], NEG)
                     for l in T.vectorized(HALF):

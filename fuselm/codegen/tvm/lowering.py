@@ -10,19 +10,23 @@ index maps, so once inlined they cost nothing. Each entry is a small function of
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 
 import sympy
 import torch
 from tvm import te, tirx
+from tvm.s_tir.schedule import ScheduleError
 
 from ...errors import UnsupportedKernelError
 from ...ir.types import TensorType, dims_equal, dtype_of as ir_dtype_of
 from . import fastmath
-from .build import Dims, const, dtype_of, tir_dtype
+from .build import Dims, as_expr, const, dtype_of, tir_dtype, vector_lanes
 
 LOWER: dict = {}
+_REDUCE = 2  # IterVar.CommReduce
+KEEP = "_kept"  # a compute so named is materialized, not inlined (elementwise.py's schedule)
 
 
 def lowers(*ops):
@@ -94,11 +98,14 @@ def promoted_dtype(node) -> str:
     """The dtype torch computes a binary op in (before a comparison turns it to bool)."""
     a = _meta(node.inputs[0].type)
     b = _meta(node.inputs[1].type) if len(node.inputs) > 1 else node.attrs["scalar"]
+    b = 1 if isinstance(b, sympy.Expr) else b  # a size: an int
     return tir_dtype(ir_dtype_of(torch.result_type(a, b)))
 
 
 # ----------------------------------------------------------------------------- elementwise
 def _pow(a, b):
+    if not dtype_of(a).startswith(("float", "bfloat")):
+        return _int_pow(a, b)
     if isinstance(b, tirx.FloatImm) and b.value == 2.0:
         return a * a
     if isinstance(b, tirx.FloatImm) and b.value == 0.5:
@@ -106,11 +113,137 @@ def _pow(a, b):
     return tirx.power(a, b)
 
 
+_POW_BITS = 6  # exponent bits squared through (TVM inlines lets: the tree doubles per bit)
+
+
+def _int_pow(a, b, k: int = 0):
+    """a ** b for integers by squaring, wrapping as torch's: exact for exponents < 64 and
+    for bases -1, 0, 1 and even ones beyond (which wrap to 0); a static exponent exactly."""
+    static = isinstance(b, tirx.IntImm)
+    if static and b.value >> k == 0:
+        return const(1, a)
+    if not static and k == _POW_BITS:
+        large = b >= const(1 << _POW_BITS, b)
+        parity = tirx.Select(tirx.bitwise_and(b, const(1, b)) == const(0, b), const(1, a), const(-1, a))
+        beyond = tirx.Select(a == const(1, a), a, tirx.Select(a == const(-1, a), parity, const(0, a)))
+        return tirx.Select(large, beyond, const(1, a))
+    rest = _int_pow(a * a, b, k + 1)
+    if static:
+        return a * rest if b.value >> k & 1 else rest
+    bit = tirx.bitwise_and(tirx.shift_right(b, const(k, b)), const(1, b)) != const(0, b)
+    return rest * tirx.Select(bit, a, const(1, a))
+
+
+_NARROW = ("float16", "bfloat16")
+
+
+def _is_float(value) -> bool:
+    return dtype_of(value).startswith(("float", "bfloat"))
+
+
+def true_divide(a, b):
+    """a / b for floats; by a constant zero as IEEE says (TVM's constant folding refuses it)."""
+    if isinstance(b, tirx.FloatImm) and b.value == 0:
+        return a * const(math.copysign(math.inf, b.value), a)
+    return a / b
+
+
+def _differ(p, q):
+    """p xor q for bools (LLVM takes TVM's bool != for a float compare)."""
+    return tirx.any(tirx.all(p, tirx.Not(q)), tirx.all(tirx.Not(p), q))
+
+
+_FAST_FMOD_QUOTIENT = float(1 << 27)  # |a / b| below (in fp32): the fp64 form of fmod is exact
+
+
+def _fmod_fast(a, b):
+    """C's fmod of fp32 values while |a / b| < 2^27 (see _modulo), vectorizable: in fp64
+    a - trunc(a / b) * b is exact (a quotient below 2^28 times a 24-bit b fits 53 bits;
+    the remainder lies on the grid of the smaller ulp); the rounded quotient may be one
+    off, then one b more or less. Written without lets (see `_inlined`)."""
+    x, y = a.astype("float64"), b.astype("float64")
+    sign = tirx.copysign(const(1.0, x), x)
+    step = tirx.abs(y) * sign  # |r| < |step|, r with x's sign
+    r = x - tirx.trunc(true_divide(x, y)) * y
+    r = r + tirx.Select(r * sign < const(0.0, r), step, const(0.0, r))
+    r = r - tirx.Select(r * sign >= step * sign, step, const(0.0, r))
+    # x mod inf is x (the quotient made it NaN); a zero keeps x's sign
+    return tirx.Select(tirx.all(tirx.isinf(y), tirx.isfinite(x)), x, tirx.copysign(r, x)).astype("float32")
+
+
+def _fmod_libm(a, b):
+    """C's fmod from libm (exact; a call per element: LLVM has no fmod intrinsic)."""
+    return tirx.call_pure_extern(dtype_of(a), "fmod" if dtype_of(a) == "float64" else "fmodf", a, b)
+
+
+def _safe_divisor(a, b):
+    """b with 0 and -1 made harmless: integer division by 0 and MIN / -1 trap on x86
+    (torch raises for the first; the callers handle b = -1 themselves)."""
+    return tirx.Select(tirx.any(b == const(0, b), b == const(-1, b)), const(1, b), b)
+
+
+def _needs_libm(a, b):
+    """Whether fp32 a mod b may be beyond _fmod_fast's exact range (b = 0 too). A product,
+    not a / b: a quotient would be shared with the op's own and TVM's CSE then misplaces it."""
+    a, b = cast(a, "float32"), cast(b, "float32")
+    return tirx.abs(a) >= tirx.abs(b) * const(_FAST_FMOD_QUOTIENT, b)
+
+
+def _in_f32(fn):
+    """fn(a, b, fmod, bind) computed in fp32 for fp16/bf16 operands (as torch's cpu kernels)."""
+    def wide(a, b, fmod=_fmod_libm, bind=fastmath.let):
+        dtype = dtype_of(a)
+        if dtype not in _NARROW:
+            return fn(a, b, fmod, bind)
+        return fn(cast(a, "float32"), cast(b, "float32"), fmod, bind).astype(dtype)
+
+    return wide
+
+
+def _inlined(value, body, name=None):
+    """What `fastmath.let` binds, written out instead (TVM's CSE shares it): TVM's CSE
+    misplaces what it hoists out of lets of two blocks under one loop."""
+    return body(value)
+
+
+@_in_f32
+def _remainder(a, b, fmod, bind):
+    """Python's modulo (the sign of the divisor), as torch.remainder: fmod, then + b."""
+    if not _is_float(a):
+        return tirx.Select(b == const(-1, b), const(0, a), tirx.floormod(a, _safe_divisor(a, b)))
+    zero = const(0.0, a)
+    return bind(fmod(a, b), lambda mod: tirx.Select(tirx.all(mod != zero, _differ(b < zero, mod < zero)), mod + b, mod),
+                "mod")
+
+
+@_in_f32
+def _floor_divide(a, b, fmod, bind):
+    """torch.floor_divide: Python's floor division; for floats torch's div_floor (from
+    fmod, so that a - b * (a // b) is exact), with a signed zero and a / 0 for b = 0."""
+    if not _is_float(a):
+        return tirx.Select(b == const(-1, b), -a, tirx.floordiv(a, _safe_divisor(a, b)))
+    zero, one = const(0.0, a), const(1.0, a)
+
+    def from_mod(mod):
+        div = true_divide(a - mod, b)
+        return bind(tirx.Select(tirx.all(mod != zero, _differ(b < zero, mod < zero)), div - one, div), rounded, "div")
+
+    def rounded(div):
+        floor = bind(tirx.floor(div), lambda f: tirx.Select(div - f > const(0.5, a), f + one, f), "f")
+        quotient = tirx.Select(div == zero, tirx.copysign(zero, true_divide(a, b)), floor)  # (== is false for NaN)
+        return tirx.Select(b == zero, true_divide(a, b), quotient)
+
+    return bind(fmod(a, b), from_mod, "mod")
+
+
+_MODULO = {"remainder": _remainder, "floor_divide": _floor_divide}
+
+
 _BINARY = {
     "add": lambda a, b: a + b,
     "sub": lambda a, b: a - b,
     "mul": lambda a, b: a * b,
-    "div": lambda a, b: a / b,
+    "div": lambda a, b: true_divide(a, b),
     "pow": _pow,
     "maximum": tirx.max,
     "minimum": tirx.min,
@@ -122,10 +255,11 @@ _BINARY = {
     "ge": lambda a, b: a >= b,
     "logical_and": lambda a, b: tirx.all(cast(a, "bool"), cast(b, "bool")),
     "logical_or": lambda a, b: tirx.any(cast(a, "bool"), cast(b, "bool")),
+    "logical_xor": lambda a, b: _differ(cast(a, "bool"), cast(b, "bool")),
 }
 
 
-@lowers(*_BINARY)
+@lowers(*_BINARY, *_MODULO)
 def _binary(ctx: Lowering, node, args):
     # true division computes in the (float) result dtype; the others in torch's promoted one
     dtype = tir_dtype(node.type.dtype) if node.op == "div" else promoted_dtype(node)
@@ -139,8 +273,41 @@ def _binary(ctx: Lowering, node, args):
         operands = [lambda i: cast(broadcast_read(args[0], a_type, i), dtype), lambda i: scalar]
         if node.attrs.get("reverse", False):
             operands.reverse()
+    if node.op in _MODULO:
+        return _modulo(ctx, node, dtype, lambda i: (operands[0](i), operands[1](i)))
     fn = _BINARY[node.op]
     return ctx.compute(node, lambda *i: fn(operands[0](i), operands[1](i)))
+
+
+def _modulo(ctx: Lowering, node, dtype: str, operands):
+    """remainder / floor_divide. Floats below fp64 are exact and vectorized in two passes:
+    a vectorized one with the fp64 fmod (exact for |a / b| < 2^27, nearly always), kept per
+    row, then the output, which takes libm's fmod only where that one is not exact (the
+    branch scalarizes this pass, a select and a copy per element)."""
+    fn = _MODULO[node.op]
+    if not dtype.startswith(("float", "bfloat")) or dtype == "float64":
+        return ctx.compute(node, lambda *i: fn(*operands(i)))
+    fast = ctx.compute(node, lambda *i: fn(*operands(i), fmod=_fmod_fast), name=ctx.name(node.op) + KEEP)
+
+    def value(*i):
+        a, b = operands(i)
+        exact = cast(fn(a, b, bind=_inlined), tir_dtype(node.type.dtype))
+        return tirx.if_then_else(_needs_libm(a, b), exact, fast(*i))
+
+    ctx.refinements.append(lambda sch: _vectorize_innermost(sch, fast.op.name))
+    return ctx.compute(node, value)
+
+
+def _vectorize_innermost(sch, name: str) -> None:
+    """Vectorize a kept block's innermost loop (the generic schedule leaves it serial)."""
+    loop = sch.get_loops(sch.get_sblock(name))[-1]
+    lanes = vector_lanes()
+    try:
+        if _static(sch.get(loop).extent, above=lanes - 1) and sch.get(loop).extent.value % lanes == 0:
+            _, loop = sch.split(loop, [None, lanes])
+            sch.vectorize(loop)
+    except ScheduleError:
+        pass  # stays serial
 
 
 _UNARY = {
@@ -158,13 +325,59 @@ _UNARY = {
     "sigmoid": fastmath.sigmoid,
     "relu": lambda a: tirx.max(a, const(0, a)),
     "silu": fastmath.silu,
+    "copy": lambda a: a,
+    "sign": lambda a: tirx.Select(a > const(0, a), const(1, a),
+                                  tirx.Select(a < const(0, a), const(-1, a), const(0, a))),
+    "log1p": tirx.log1p,
+    "tan": tirx.tan,
+    "atan": tirx.atan,
+    "expm1": lambda a: _expm1(a),
 }
 
 
-@lowers(*_UNARY)
+def _expm1(x):
+    """e^x - 1: for fp32 Taylor's series to x^9 below |x| = 0.35 (error < 1e-11 |x|), else
+    the vectorized exp minus 1 (then |e^x - 1| > 0.29: no cancellation); libm for fp64."""
+    if dtype_of(x) != "float32":
+        return tirx.call_pure_extern(dtype_of(x), "expm1", x)
+
+    def value(x):
+        series = const(1.0 / math.factorial(9), x)
+        for n in range(8, 0, -1):
+            series = series * x + const(1.0 / math.factorial(n), x)
+        return tirx.Select(tirx.abs(x) < const(0.35, x), series * x, fastmath.exp(x) - const(1.0, x))
+
+    return fastmath.let(x, value, "x")
+
+
+def _round_half_even(x):
+    """torch.round: to the nearest integer, ties to even: LLVM's roundeven, which
+    vectorizes (TVM's nearbyint is a libm call per element)."""
+    return tirx.call_llvm_pure_intrin(dtype_of(x), "llvm.roundeven", x)
+
+
+_ROUNDING = {"floor": tirx.floor, "ceil": tirx.ceil, "round": _round_half_even, "trunc": tirx.trunc}
+_IN_F32 = ("log1p", "tan", "atan", "expm1")  # libm forms: fp16 / bf16 go through fp32
+
+
+@lowers(*_UNARY, *_ROUNDING)
 def _unary(ctx: Lowering, node, args):
-    dtype, fn = tir_dtype(node.type.dtype), _UNARY[node.op]
+    dtype = tir_dtype(node.type.dtype)
+    fn = _UNARY.get(node.op) or (_ROUNDING[node.op] if dtype.startswith(("float", "bfloat")) else (lambda a: a))
+    if node.op in _IN_F32 and dtype in _NARROW:
+        return ctx.compute(node, lambda *i: fn(cast(args[0](*i), "float32")))
+    if node.op == "sign" and dtype == "bool":
+        fn = _UNARY["copy"]
     return ctx.compute(node, lambda *i: fn(cast(args[0](*i), dtype)))
+
+
+@lowers("isnan", "isinf")
+def _float_class(ctx: Lowering, node, args):
+    """isnan / isinf: False for integers; for floats, read as they are."""
+    test = tirx.isnan if node.op == "isnan" else tirx.isinf
+    if not node.inputs[0].type.is_float:
+        return ctx.compute(node, lambda *i: tirx.const(False, "bool"))
+    return ctx.compute(node, lambda *i: test(args[0](*i)))
 
 
 @lowers("gelu")
@@ -205,11 +418,10 @@ def _masked_fill(ctx: Lowering, node, args):
 
 # ----------------------------------------------------------------------------- reductions
 def _reduced_dims(node) -> list:
+    """The reduced dims, sorted; `dims=()` (or absent) means all of them, as in torch."""
     rank = node.inputs[0].type.rank
     dims = node.attrs.get("dims", ())
-    if not dims:  # torch reduces every dim for dims=[], the IR's type keeps the shape
-        raise UnsupportedKernelError(f"{node.op} with dims=[] (the IR type and torch disagree on it)")
-    return sorted({d % rank for d in dims})
+    return sorted({d % rank for d in dims}) or list(range(rank))
 
 
 def _full_index(rank: int, dims: list, out_index: tuple, axes: list, keepdim: bool) -> list:
@@ -225,30 +437,159 @@ def _full_index(rank: int, dims: list, out_index: tuple, axes: list, keepdim: bo
     return index
 
 
+def accumulator(dtype: str) -> str:
+    """The dtype a sum of `dtype` values runs in: fp32 for fp16 / bf16, as torch's cpu."""
+    return "float32" if dtype in _NARROW else dtype
+
+
+def _reduce_over(ctx: Lowering, node, dims: list, read, reducer, dtype: str, name: str) -> te.Tensor:
+    """reducer over `dims` of the node's input, `read(index)` giving each element in
+    `dtype`; shaped as the node's output (keepdim as its attrs say)."""
+    x_type, keepdim = node.inputs[0].type, node.attrs.get("keepdim", False)
+    axes = [te.reduce_axis((0, ctx.dims(x_type.shape[d])), name=f"r{d}") for d in dims]
+    at, over = list(axes), list(axes)  # the index of each reduced dim, the reduction's axes
+    lanes, last = vector_lanes(), x_type.shape[dims[-1]] if dims else None
+    if all(isinstance(d, int) and d == 1 for d in node.type.shape) and isinstance(last, int) and last % lanes == 0:
+        # to one value: TVM's rfactor (the generic schedule's lane split) fails on such a
+        # block, so its innermost axis comes in pieces of one vector, which it leaves be
+        outer, inner = te.reduce_axis((0, last // lanes), name="ro"), te.reduce_axis((0, lanes), name="ri")
+        at[-1], over[-1:] = outer * lanes + inner, [outer, inner]
+
+    def value(*i):
+        return reducer(cast(read(_full_index(x_type.rank, dims, i, at, keepdim)), dtype), axis=over)
+
+    total = te.compute(ctx.shape(node.type), value, name=name)
+    if len(dims) == 1 and dims[0] != x_type.rank - 1:
+        _read_rows(ctx, name)
+    return total
+
+
+def _off_the_output(total: te.Tensor, dims: list, dtype: str, name: str) -> te.Tensor:
+    """A copy after a reduction of one dim: the generic schedule vectorizes (lane by lane)
+    and places per row only reductions that are not the output. (Not with several dims:
+    TVM's rfactor fails on such blocks.)"""
+    if len(dims) != 1 or (len(total.shape) == 1 and not isinstance(total.shape[0], tirx.IntImm)):
+        return total  # (nor for a single symbolic dim: the generic schedule then fails in TVM)
+    return te.compute(total.shape, lambda *i: cast(total(*i), dtype), name=name)
+
+
+def _count(ctx: Lowering, node, dims: list, dtype: str):
+    """How many elements each output of a reduction over `dims` reduces, in `dtype`."""
+    shape = node.inputs[0].type.shape
+    return cast(ctx.dims(math.prod((shape[d] for d in dims), start=sympy.Integer(1))), dtype)
+
+
 _REDUCERS = {"sum": te.sum, "mean": te.sum, "amax": te.max, "amin": te.min}
+
+
+def _read_rows(ctx: Lowering, name: str) -> None:
+    """A reduction over an outer dim (the last one kept) reads one strided column per
+    output in the generic schedule. This refinement takes a vector of outputs at a time
+    instead (the loop just outside the reduced one, split by the vector width), with the
+    reduced loop moved outside it: the input is read by rows, into vector accumulators."""
+    def refine(sch):
+        block = sch.get_sblock(name)
+        loops, reduced = sch.get_loops(block), sum(iv.iter_type == _REDUCE for iv in sch.get(block).iter_vars)
+        if len(loops) <= reduced or not _static(sch.get(loops[-reduced - 1]).extent, above=1):
+            return
+        spatial, inner_loops = loops[-reduced - 1], loops[-reduced:]
+        lanes = vector_lanes()
+        try:
+            if _static(sch.get(spatial).extent, above=lanes):
+                was_parallel = sch.get(spatial).kind == tirx.ForKind.PARALLEL
+                outer, spatial = sch.split(spatial, [None, lanes])
+                if was_parallel:
+                    sch.parallel(outer)
+            sch.reorder(*inner_loops, spatial)
+            init = sch.decompose_reduction(block, inner_loops[0])
+            sch.vectorize(sch.get_loops(init)[-1])
+            sch.vectorize(spatial)
+        except ScheduleError:
+            pass  # each step keeps the nest correct: what applied stays
+
+    ctx.refinements.append(refine)
+
+
+def _static(extent, above: int = 0) -> bool:
+    return isinstance(extent, tirx.IntImm) and extent.value > above
 
 
 @lowers(*_REDUCERS)
 def _reduce(ctx: Lowering, node, args):
-    x_type, dtype = node.inputs[0].type, tir_dtype(node.type.dtype)
-    dims, keepdim = _reduced_dims(node), node.attrs.get("keepdim", False)
-    axes = [te.reduce_axis((0, ctx.dims(x_type.shape[d])), name=f"r{d}") for d in dims]
-    reducer = _REDUCERS[node.op]
+    dtype, dims = tir_dtype(node.type.dtype), _reduced_dims(node)
+    work = accumulator(dtype) if node.op in ("sum", "mean") else dtype
     name = ctx.name(node.op)
+    total = _reduce_over(ctx, node, dims, lambda index: args[0](*index), _REDUCERS[node.op], work, name)
+    if node.op != "mean" and work == dtype:
+        return _off_the_output(total, dims, dtype, f"{name}_{node.op}")
+    count = _count(ctx, node, dims, work) if node.op == "mean" else tirx.const(1, work)
+    return te.compute(total.shape, lambda *i: cast(total(*i) / count if node.op == "mean" else total(*i), dtype),
+                      name=f"{name}_{node.op}")
 
-    def value(*i):
-        return reducer(cast(args[0](*_full_index(x_type.rank, dims, i, axes, keepdim)), dtype), axis=axes)
 
-    total = te.compute(ctx.shape(node.type), value, name=name)
-    if node.op != "mean":
-        return total
-    count = cast(ctx.dims(math.prod((x_type.shape[d] for d in dims), start=sympy.Integer(1))), dtype)
-    return te.compute(total.shape, lambda *i: total(*i) / count, name=f"{name}_mean")
+@lowers("var")
+def _var(ctx: Lowering, node, args):
+    """Two passes, as robust as Welford here: the mean, then the sum of squared
+    deviations over (count - correction), in fp32 (fp64 for fp64)."""
+    dtype, dims = tir_dtype(node.type.dtype), _reduced_dims(node)
+    work, name = accumulator(dtype), ctx.name("var")
+    count = _count(ctx, node, dims, work)
+    kept = node.attrs.get("keepdim", False)
+    total = _reduce_over(ctx, node, dims, lambda index: args[0](*index), te.sum, work, f"{name}_sum")
+
+    def deviation(index):  # x - mean, the mean read at the output index of `index`
+        out = [0 if d in dims else j for d, j in enumerate(index) if kept or d not in dims]
+        return cast(args[0](*index), work) - total(*out) / count
+
+    squares = _reduce_over(ctx, node, dims, lambda index: fastmath.let(deviation(index), lambda d: d * d, "d"),
+                           te.sum, work, f"{name}_m2")
+    correction = node.attrs.get("correction", 1)
+    divisor = tirx.max(count - scalar_const(correction, work, ctx.dims), const(0.0, count))
+    return te.compute(squares.shape, lambda *i: cast(true_divide(squares(*i), divisor), dtype), name=name)
+
+
+@lowers("argmax", "argmin")
+def _argmax(ctx: Lowering, node, args):
+    """The first index of the largest (smallest) value, NaN above all (as torch), in
+    plain reductions that vectorize (a reducer of (index, value) pairs does not): for
+    floats whether the row holds a NaN, then its best value, then the first index
+    holding NaN or that value."""
+    x_type, keepdim = node.inputs[0].type, node.attrs.get("keepdim", False)
+    dim, dtype = node.attrs["dim"] % x_type.rank, tir_dtype(x_type.dtype)
+    name, floats = ctx.name(node.op), node.inputs[0].type.is_float
+    worst = -math.inf if node.op == "argmax" else math.inf
+    best = te.max if node.op == "argmax" else te.min
+    if floats:  # from +-inf, not te's largest finite value: a row of -inf has its argmax
+        pick = tirx.max if node.op == "argmax" else tirx.min
+        best = te.comm_reducer(lambda a, b: pick(a, b), lambda t: tirx.const(worst, t), name=f"{node.op}_value")
+
+    def x(index):
+        return as_expr(args[0](*index))
+
+    def reduce(body, reducer, dtype: str, suffix: str) -> te.Tensor:
+        return _reduce_over(ctx, node, [dim], lambda index: body(index), reducer, dtype, f"{name}_{suffix}")
+
+    def at_output(tensor, index):  # `tensor` (output-shaped) at the output index of an input index
+        return tensor(*[0 if d == dim else j for d, j in enumerate(index) if keepdim or d != dim])
+
+    nan = reduce(lambda i: tirx.isnan(x(i)).astype("int8"), te.max, "int8", "nan") if floats else None
+    plain = (lambda i: tirx.Select(tirx.isnan(x(i)), const(worst, x(i)), x(i))) if floats else x
+    value = reduce(plain, best, dtype, "value")
+
+    def hit(index):
+        hit = x(index) == at_output(value, index)
+        if floats:
+            hit = tirx.Select(at_output(nan, index) != tirx.const(0, "int8"), tirx.isnan(x(index)), hit)
+        return tirx.Select(hit, index[dim].astype("int64"), tirx.max_value("int64"))
+
+    return _off_the_output(reduce(hit, te.min, "int64", "index"), [dim], "int64", name)
 
 
 @lowers("softmax", "log_softmax")
 def _softmax(ctx: Lowering, node, args):
-    x_type, dtype = node.inputs[0].type, tir_dtype(node.type.dtype)
+    """In fp32 for fp16 / bf16 (as torch's cpu kernel; fp16 vectors also build slowly)."""
+    x_type, out_dtype = node.inputs[0].type, tir_dtype(node.type.dtype)
+    dtype = accumulator(out_dtype)
     dim = node.attrs["dim"] % x_type.rank
     shape = ctx.shape(x_type)
     rows = shape[:dim] + shape[dim + 1:]
@@ -266,8 +607,8 @@ def _softmax(ctx: Lowering, node, args):
         row = i[:dim] + i[dim + 1:]
         shifted = at(row, i[dim]) - peak(*row)
         if node.op == "log_softmax":
-            return shifted - tirx.log(total(*row))
-        return fastmath.exp(shifted) / total(*row)
+            return cast(shifted - tirx.log(total(*row)), out_dtype)
+        return cast(fastmath.exp(shifted) / total(*row), out_dtype)
 
     return te.compute(shape, value, name=name)
 
@@ -309,6 +650,69 @@ def _rope(ctx: Lowering, node, args):
     return ctx.compute(node, value)
 
 
+@lowers("gather")
+def _gather(ctx: Lowering, node, args):
+    """out[i] = x[i with i[dim] = index[i]] (torch.gather; the index may be smaller than x)."""
+    x, index = args
+    dim = node.attrs["dim"] % node.type.rank
+    return ctx.compute(node, lambda *i: x(*i[:dim], index(*i).astype(ctx.dims.index_dtype), *i[dim + 1:]))
+
+
+@lowers("tril", "triu")
+def _triangle(ctx: Lowering, node, args):
+    """Keep x[..., i, j] where j - i <= diagonal (tril) or >= diagonal (triu), else 0."""
+    diagonal = node.attrs.get("diagonal", 0)
+
+    def value(*i):
+        offset = i[-1] - i[-2]
+        keep = offset <= diagonal if node.op == "tril" else offset >= diagonal
+        x = args[0](*i)
+        return tirx.Select(keep, x, const(0, x))
+
+    return ctx.compute(node, value)
+
+
+@lowers("cumsum")
+def _cumsum(ctx: Lowering, node, args):
+    """A sequential scan along `dim` (TE has no recurrence, so a TIR loop nest in an
+    extern block): parallel over the dims before `dim`, vectorized over those after it,
+    the running sums in torch's accumulator dtype (fp64 for fp32, as its cpu kernel),
+    one row of them per outer index (the extern's second output). A copy follows, so
+    that the scan is never the function's only block (which would become its root)."""
+    dim, dtype = node.attrs["dim"] % node.type.rank, tir_dtype(node.type.dtype)
+    work = {"float32": "float64", "float16": "float32", "bfloat16": "float32"}.get(dtype, dtype)
+    shape = ctx.shape(node.type)
+    sums_shape = (_product(shape[:dim]), _product(shape[dim + 1:]))
+    name = ctx.name("cumsum")
+    scan, _ = te.extern([shape, sums_shape], [args[0]], lambda ins, outs: _scan(ins[0], *outs, dim),
+                        name=f"{name}_scan", dtype=[dtype, work], attrs={_DETECT_ACCESS: tirx.IntImm("int32", 3)})
+    return te.compute(scan.shape, lambda *i: scan(*i), name=name)
+
+
+_DETECT_ACCESS = "tirx.script_parsing_detect_access"  # 3: infer the block's reads and writes
+
+
+def _scan(x, out, sums, dim: int):
+    """for o (parallel): sums[o] = 0; for t along dim: for j: sums[o, j] += x; out = sums[o, j]."""
+    shape = list(out.shape)
+    outer, length, inner = sums.shape[0], shape[dim], sums.shape[1]
+    o, t, j, j0 = (tirx.Var(n, "int32") for n in ("o", "t", "j", "j0"))
+    index = [*_unravel(o, shape[:dim]), t, *_unravel(j, shape[dim + 1:])]
+    add = tirx.BufferStore(sums, tirx.BufferLoad(sums, [o, j]) + tirx.BufferLoad(x, index).astype(sums.dtype), [o, j])
+    write = tirx.BufferStore(out, tirx.BufferLoad(sums, [o, j]).astype(out.dtype), index)
+    vector = isinstance(inner, tirx.IntImm) and inner.value > 1 and inner.value % 4 == 0
+    kind = tirx.ForKind.VECTORIZED if vector else tirx.ForKind.SERIAL
+    along = tirx.For(j, 0, inner, kind, tirx.SeqStmt([add, write]))
+    scan = tirx.For(t, 0, length, tirx.ForKind.SERIAL, along)
+    zero = tirx.For(j0, 0, inner, tirx.ForKind.SERIAL, tirx.BufferStore(sums, tirx.const(0, sums.dtype), [o, j0]))
+    rows = tirx.ForKind.SERIAL if isinstance(outer, tirx.IntImm) and outer.value < 2 else tirx.ForKind.PARALLEL
+    return tirx.For(o, 0, outer, rows, tirx.SeqStmt([zero, scan]))
+
+
+def _product(dims):
+    return functools.reduce(lambda a, b: a * b, dims, 1)
+
+
 # ----------------------------------------------------------------------------- views
 def _linear(index, shape) -> tirx.PrimExpr:
     flat = 0
@@ -318,11 +722,14 @@ def _linear(index, shape) -> tirx.PrimExpr:
 
 
 def _unravel(flat, shape) -> list:
+    """The index of `flat` (< the shape's size) in `shape`; the outermost needs no modulo."""
+    if not shape:
+        return []
     index = []
-    for size in reversed(shape):
+    for size in reversed(shape[1:]):
         index.append(tirx.floormod(flat, size))
         flat = tirx.floordiv(flat, size)
-    return index[::-1]
+    return [flat] + index[::-1]
 
 
 @lowers("reshape")

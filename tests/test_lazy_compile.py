@@ -1,0 +1,158 @@
+"""`fuselm.compile(model)` as torch.compile: capture at the first call, automatic dynamic
+shapes, guarded non-tensor arguments, the recompile limit, the model's own call and
+return structure, and the caller's training mode left alone."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fuselm
+from fuselm import api
+from fuselm.codegen import cache as kernel_cache
+from fuselm.errors import FuselmError
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x, mask=None, scale: float = 2.0, power: int = 1):
+        h = F.gelu(self.proj(x)) * scale
+        if mask is not None:
+            h = h.masked_fill(~mask[..., None], 0.0)
+        return {"hidden": h ** power, "pair": (h.sum(-1), x.shape[-1])}
+
+
+def counts():
+    return api.stats["captures"], kernel_cache.stats["codegen_runs"]
+
+
+def check(compiled, model, *args, **kwargs):
+    with torch.no_grad():
+        expected = model(*args, **kwargs)
+    got = compiled(*args, **kwargs)
+    assert set(got) == {"hidden", "pair"} and got["pair"][1] == expected["pair"][1]
+    torch.testing.assert_close(got["hidden"], expected["hidden"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["pair"][0], expected["pair"][0], atol=1e-4, rtol=1e-5)
+
+
+def test_first_call_captures_and_before_it_nothing_is_there(tmp_path):
+    model = Scaled().eval()
+    compiled = fuselm.compile(model, target="cpu", cache_dir=str(tmp_path))
+    for attribute in ("graph", "kernels", "fallbacks"):
+        with pytest.raises(FuselmError, match="not been compiled yet"):
+            getattr(compiled, attribute)
+    captures, _ = counts()
+    check(compiled, model, torch.randn(3, 5, 16), mask=torch.rand(3, 5) > 0.3)
+    assert counts()[0] == captures + 1 and compiled.fallbacks == {}
+    assert [v.name for v in compiled.graph.inputs] == ["x", "mask"]  # the forward's parameter names
+
+
+def test_new_shape_recompiles_once_with_the_changed_dim_symbolic(tmp_path):
+    model = Scaled().eval()
+    compiled = fuselm.compile(model, target="cpu", cache_dir=str(tmp_path))
+    check(compiled, model, torch.randn(2, 5, 16))
+    assert all(isinstance(d, int) for d in compiled.graph.inputs[0].type.shape)  # static at first
+    captures, codegen = counts()
+    check(compiled, model, torch.randn(2, 9, 16))  # the sequence dim changed: one recompile
+    assert counts()[0] == captures + 1
+    x_shape = compiled.graph.inputs[0].type.shape
+    assert x_shape[0] == 2 and not isinstance(x_shape[1], int) and x_shape[2] == 16
+    captures, codegen = counts()
+    for length in (4, 13, 31):  # a third and later sizes: no capture, no codegen
+        check(compiled, model, torch.randn(2, length, 16))
+    assert counts() == (captures, codegen)
+    assert len(compiled.entries) == 2
+
+
+def test_dynamic_true_is_symbolic_from_the_start_and_false_recompiles_per_shape(tmp_path):
+    model = Scaled().eval()
+    dynamic = fuselm.compile(model, target="cpu", dynamic=True, cache_dir=str(tmp_path))
+    check(dynamic, model, torch.randn(2, 5, 16))
+    captures = counts()[0]
+    check(dynamic, model, torch.randn(3, 7, 16))
+    assert counts()[0] == captures and len(dynamic.entries) == 1
+    static = fuselm.compile(model, target="cpu", dynamic=False, cache_dir=str(tmp_path))
+    for length in (5, 6, 5):
+        check(static, model, torch.randn(2, length, 16))
+    assert len(static.entries) == 2 and all(isinstance(d, int) for e in static.entries for d in e.graph.inputs[0].type.shape)
+
+
+def test_non_tensor_arguments_are_guarded(tmp_path):
+    model = Scaled().eval()
+    compiled = fuselm.compile(model, target="cpu", cache_dir=str(tmp_path))
+    x = torch.randn(2, 4, 16)
+    check(compiled, model, x, scale=0.5)
+    check(compiled, model, x, scale=0.5)
+    assert len(compiled.entries) == 1
+    check(compiled, model, x, scale=3.0)  # a new value: a new graph, with the new constant
+    check(compiled, model, x, scale=3.0, power=2)
+    assert len(compiled.entries) == 3
+    check(compiled, model, x, scale=0.5)  # the first entry serves its value again
+    assert len(compiled.entries) == 3
+
+
+def test_recompile_limit_names_the_changing_dims(tmp_path):
+    model = Scaled().eval()
+    compiled = fuselm.compile(model, target="cpu", dynamic=False, recompile_limit=2, cache_dir=str(tmp_path))
+    for length in (4, 5, 6):
+        check(compiled, model, torch.randn(2, length, 16))
+    with pytest.raises(FuselmError, match=r"recompile_limit=2.*x dim 1 took sizes \[4, 5, 6, 7\]"):
+        compiled(torch.randn(2, 7, 16))
+
+
+def test_example_inputs_compile_now_and_training_mode_is_left_alone(tmp_path):
+    model = Scaled().train()
+    captures = counts()[0]
+    compiled = fuselm.compile(model, (torch.randn(2, 3, 16),), target="cpu", cache_dir=str(tmp_path))
+    assert counts()[0] == captures + 1 and model.training
+    assert compiled.graph.nodes
+    model.eval()
+    check(compiled, model, torch.randn(2, 3, 16))
+    assert not model.training
+
+
+def test_hugging_face_model_output_keeps_its_structure(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    compiled = fuselm.compile(model, target="cpu", cache_dir=str(tmp_path))
+    got = compiled(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask)
+    assert type(got) is type(expected) and list(got.keys()) == list(expected.keys())
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=1e-4, rtol=1e-4)
+
+
+def test_not_a_module_is_a_type_error():
+    with pytest.raises(TypeError, match="takes a torch.nn.Module, got function"):
+        fuselm.compile(lambda x: x)
+    with pytest.raises(TypeError, match="dynamic must be"):
+        fuselm.compile(Scaled(), dynamic="yes")
+
+
+class SlidingWindow(torch.nn.Module):
+    """A mask made from arange(T) alone, used twice: its kernel has no tensor input that
+    gives T, so partition hands it one for its shape."""
+
+    def forward(self, x):
+        i = torch.arange(x.shape[1])
+        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 3)
+        scores = (x @ x.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, -1) @ x
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_kernels_whose_sizes_no_input_gives_run_at_every_size(target, tmp_path):
+    model = SlidingWindow()
+    compiled = fuselm.compile(model, target=target, dynamic=True, strict=True, cache_dir=str(tmp_path))
+    for length in (5, 9):
+        x = torch.randn(2, length, 8)
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert len(compiled.entries) == 1 and compiled.fallbacks == {}
