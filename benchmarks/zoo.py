@@ -434,6 +434,7 @@ def _worker(connection, env: dict, log: Optional[str]) -> None:
     (TVM's and transformers' warnings, tracebacks with ZOO_TRACEBACK=1) goes to `log`."""
     os.environ.update(env)
     if log:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
         handle = open(log, "a")
         os.dup2(handle.fileno(), 2)
         sys.stderr = handle
@@ -525,7 +526,7 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 def print_table(results: list, tol: float) -> None:
     yes = {True: "yes", False: "no"}
     header = (f"{'model':<16} {'target':<6} {'attn':<5} {'capt':<4} {'comp':<4} {'kern':>4} {'rel err':>8} "
-              f"{'eager ms':>8} {'fuselm ms':>9} {'x eager':>7} {'compile':>7}  {'':<4} fallbacks | error")
+              f"{'eager ms':>8} {'fuselm ms':>9} {'speedup':>7} {'compile':>7}  {'':<4} fallbacks | error")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -534,7 +535,7 @@ def print_table(results: list, tol: float) -> None:
             tail += f" | [{r.stage}] {r.error[:240]}"
         print(f"{r.name:<16} {r.target:<6} {r.attention or '-':<5} {yes[r.captured]:<4} {yes[r.compiled]:<4} "
               f"{_fmt(r.kernels, 'd'):>4} {_fmt(r.rel_error, '.1e'):>8} {_fmt(r.eager_ms, '.2f'):>8} "
-              f"{_fmt(r.fuselm_ms, '.2f'):>9} {_fmt(r.ratio, '.2f'):>7} {_fmt(r.compile_s, '.1f', 's'):>7}  "
+              f"{_fmt(r.fuselm_ms, '.2f'):>9} {_fmt(1 / r.ratio if r.ratio else None, '.2f'):>7} {_fmt(r.compile_s, '.1f', 's'):>7}  "
               f"{'ok' if r.passed(tol) else 'FAIL':<4} {tail}")
 
 
@@ -573,8 +574,8 @@ def print_summary(results: list, tol: float) -> dict:
               f"{', '.join(s['refused_aten_fallbacks']) or '-'}")
         print(f"  IR groups without a kernel (fail the model): {', '.join(s['group_fallbacks']) or '-'}")
         if s["geomean_ratio_vs_eager"] is not None:
-            print(f"  fuselm time / torch eager time, geometric mean over the {s['geomean_over']} passing models: "
-                  f"{s['geomean_ratio_vs_eager']:.2f}x (<1: fuselm faster)")
+            print(f"  speedup over torch eager (eager time / fuselm time), geometric mean over the "
+                  f"{s['geomean_over']} passing models: {1 / s['geomean_ratio_vs_eager']:.2f}x")
     return info
 
 

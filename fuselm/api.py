@@ -22,7 +22,9 @@ model's weights afterwards needs a new compile.
 """
 from __future__ import annotations
 
+import inspect
 import os
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -106,9 +108,11 @@ class CompiledModule:
         self._shapes_seen: dict = {}  # guard key -> the tensor shapes of each capture
         self._cache = KernelCache(options.target, options.cache_dir)
         self._warned = False
+        self._capturing = threading.RLock()
+        self._parameters = inspect.signature(model.forward)
 
     def __call__(self, *args, **kwargs):
-        signature, tensors = CallSignature.of(self.model, args, kwargs)
+        signature, tensors = CallSignature.of(self.model, args, kwargs, self._parameters)
         entry = self._entry_for(signature, tensors)
         with torch.no_grad(), self.target.running():
             return entry.run(tensors)
@@ -141,16 +145,17 @@ class CompiledModule:
         key = (signature.guard_key(), tuple((t.dtype, t.shape) for t in tensors))
         entry = self._by_shape.get(key)
         if entry is None:
-            entry = next((e for e in reversed(self.entries) if e.serves(signature, tensors)), None)
-            if entry is None:
-                entry = self.capture_call(signature, tensors)
-            if len(self._by_shape) >= MAX_REMEMBERED_SHAPES:
-                self._by_shape.clear()
-            self._by_shape[key] = entry
+            with self._capturing:  # two threads' first calls capture once
+                entry = next((e for e in reversed(self.entries) if e.serves(signature, tensors)), None)
+                if entry is None:
+                    entry = self.capture_call(signature, tensors)
+                if len(self._by_shape) >= MAX_REMEMBERED_SHAPES:
+                    self._by_shape.clear()
+                self._by_shape[key] = entry
         return entry
 
     def capture(self, args: tuple, kwargs: dict) -> "CompiledGraph":
-        signature, tensors = CallSignature.of(self.model, args, kwargs)
+        signature, tensors = CallSignature.of(self.model, args, kwargs, self._parameters)
         return self.capture_call(signature, tensors)
 
     def capture_call(self, signature: CallSignature, tensors: tuple) -> "CompiledGraph":

@@ -68,7 +68,7 @@ CASES = {
                      c(((T, 6), L), scalar=-4), c(((T, 6), F), scalar=0.0)],
     # comparisons and logic: bool results
     "eq": [c(*BROADCAST, domain="halves")],
-    "ne": [c(((T, 6), I), scalar=0)],
+    "ne": [c(((T, 6), I), scalar=0), c(((T, 9), F), ((T, 9), F), domain="special")],
     "lt": [c(*BROADCAST)],
     "le": [c(((T, 6), I), ((1, 6), F), domain="halves")],
     "gt": [c(((T, 6), H), scalar=0.5)],
@@ -301,3 +301,16 @@ def test_matmul_schedule_is_tiled_vectorized_parallel():
     kernel = cpu.emit(matmul_group((4, 64, 64), (4, 64, 64)))
     assert kernel.source.count("T.parallel") >= 2 and kernel.source.count("T.vectorized") >= 2
     assert "vfmadd" in kernel.extra_sources["s"]
+
+
+@pytest.mark.parametrize("op", ["mean", "var", "sum"])
+def test_row_reduction_to_a_single_symbolic_dim(op):
+    """[T, 32] -> [T]: the output is cut into chunks of rows, and a reduction split by vector
+    lanes inside a chunk failed to build (mean: `cannot make uint from negative value`)."""
+    check(one_op_group(op, c(((T, 32), F), dims=(1,))), c(((T, 32), F), dims=(1,), sizes=(1, 5, 70)))
+
+
+def test_comparison_with_the_scalar_first():
+    """`1 >= x` (reverse=True): the reference once called torch.ge(int, Tensor), which torch refuses."""
+    for dtype in (I, F):
+        check(one_op_group("ge", c(((T, 6), dtype), scalar=1, reverse=True)), c(((T, 6), dtype), scalar=1, reverse=True))

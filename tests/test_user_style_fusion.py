@@ -383,3 +383,15 @@ def test_triton_causal_attention_is_torchs_is_causal(heads, kv_heads, tmp_path):
     kernel = triton_codegen.emit(causal_attention_group(heads, kv_heads), str(tmp_path))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # else Triton's interpreter (conftest)
     assert_causal_like_torch(kernel, heads, kv_heads, [(7, 7), (33, 33)], device)
+
+
+def test_sibling_rule_leaves_a_gemm_with_an_epilogue_beside_other_readers():
+    """Falcon: a gemm with an activation epilogue whose input another op reads too; the
+    sibling rule once looked for the weight of that other op (an IndexError)."""
+    from fuselm.passes.fuse_sibling_gemms import fuse_sibling_gemms
+
+    b = GraphBuilder()
+    x = b.input("x", TensorType(("T", 8), "f32"))
+    act = b.op("gemm", x, b.constant("w", torch.randn(16, 8)), epilogue=("relu",))
+    graph = b.build([act, b.op("reshape", x, shape=(ir.symbol("T"), 2, 4))])
+    assert fuse_sibling_gemms(graph) is graph

@@ -34,9 +34,10 @@ class CallSignature:
     parameters: object  # the forward's inspect.Signature
 
     @staticmethod
-    def of(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
-        """(signature, tensors) of a call `model(*args, **kwargs)`."""
-        parameters = inspect.signature(model.forward)
+    def of(model: torch.nn.Module, args: tuple, kwargs: dict, parameters=None) -> tuple:
+        """(signature, tensors) of a call `model(*args, **kwargs)` (`parameters`: the
+        forward's inspect.Signature, when the caller has it already)."""
+        parameters = parameters or inspect.signature(model.forward)
         try:
             bound = parameters.bind(*args, **kwargs)
         except TypeError as error:

@@ -73,8 +73,8 @@ def _binary_infer(comparison: bool):
 
 def _binary_reference(fn):
     def reference(a, b=None, scalar=None, reverse=False):
-        if b is None:
-            b = scalar
+        if b is None:  # a 0-dim tensor promotes as the scalar does, and torch takes it first
+            b = torch.as_tensor(scalar, device=a.device) if reverse else scalar
         return fn(b, a) if reverse else fn(a, b)
 
     return reference

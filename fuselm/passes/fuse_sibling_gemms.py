@@ -29,9 +29,11 @@ def sibling_kind(node, x):
 def _fuse(builder, m):
     x, first = m.old("x"), m.old("gemm")
     kind = sibling_kind(first, x)
+    if kind is None:  # (a gemm with another epilogue, or a non-constant weight)
+        return None
     siblings = [u for u in m.users.get(x, []) if sibling_kind(u, x) == kind]
     siblings = [s for s in siblings if s.inputs[1].type.dtype == first.inputs[1].type.dtype]
-    if kind is None or len(siblings) < 2 or siblings[0] is not first:
+    if len(siblings) < 2 or siblings[0] is not first:
         return None
     weights = concatenated_constant(builder, [builder.adopt(s.inputs[1]) for s in siblings])
     if kind == "bias":

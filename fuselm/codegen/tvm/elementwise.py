@@ -84,7 +84,7 @@ def is_reduction(sch, block) -> bool:
 def schedule(sch: s_tir.Schedule, parallel: bool = True) -> None:
     root = sch.get_sblock("root")
     output_names = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
-    lane_blocks = _split_reductions_by_lane(sch, root, output_names)
+    lane_blocks = set() if _rows_are_chunks(sch, root, output_names) else _split_reductions_by_lane(sch, root, output_names)
     for block in reversed(sch.get_child_blocks(root)):
         name = sch.get(block).name_hint
         if name not in output_names and not name.endswith(KEEP) and not is_reduction(sch, block):
@@ -159,6 +159,17 @@ def _shape_without_ones(shape) -> list:
 
 def _static(extent):
     return extent.value if isinstance(extent, tirx.IntImm) else None
+
+
+def _rows_are_chunks(sch, root, output_names: set) -> bool:
+    """Whether `_split_output` will cut a single output dim into chunks (no vector dim): a
+    reduction computed per chunk then cannot be split by lanes (TVM fails to build it)."""
+    (out,) = [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint in output_names]
+    spatial = [iv for iv in sch.get(out).iter_vars if iv.iter_type != _REDUCE and _static(iv.dom.extent) != 1]
+    if len(spatial) != 1 or is_reduction(sch, out):
+        return False
+    last, lanes = _static(spatial[0].dom.extent), vector_lanes()
+    return not (last is not None and last % lanes == 0 and last >= lanes)
 
 
 def _split_output(sch, block):

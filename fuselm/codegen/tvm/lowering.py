@@ -148,6 +148,12 @@ def true_divide(a, b):
     return a / b
 
 
+def _not_equal(a, b):
+    """a != b, true when either is NaN (as torch): TVM's float != is LLVM's ordered
+    `one`, false for NaN, and TVM simplifies not(a == b) back to it."""
+    return tirx.any(a != b, tirx.isnan(a), tirx.isnan(b)) if _is_float(a) else a != b
+
+
 def _differ(p, q):
     """p xor q for bools (LLVM takes TVM's bool != for a float compare)."""
     return tirx.any(tirx.all(p, tirx.Not(q)), tirx.all(tirx.Not(p), q))
@@ -248,7 +254,7 @@ _BINARY = {
     "maximum": tirx.max,
     "minimum": tirx.min,
     "eq": lambda a, b: a == b,
-    "ne": lambda a, b: a != b,
+    "ne": lambda a, b: _not_equal(a, b),
     "lt": lambda a, b: a < b,
     "le": lambda a, b: a <= b,
     "gt": lambda a, b: a > b,
