@@ -395,3 +395,55 @@ def test_sibling_rule_leaves_a_gemm_with_an_epilogue_beside_other_readers():
     act = b.op("gemm", x, b.constant("w", torch.randn(16, 8)), epilogue=("relu",))
     graph = b.build([act, b.op("reshape", x, shape=(ir.symbol("T"), 2, 4))])
     assert fuse_sibling_gemms(graph) is graph
+
+
+# ----------------------------------------------------------------------------- whole models, strict
+class UserGPT(torch.nn.Module):
+    """A small GPT in the unusual style, `layers` blocks of width `d`: an embedding, pre-LN
+    blocks with `x @ W.t()` linears, chunked qkv and manual attention under a causal mask
+    built in forward, a tied head."""
+
+    def __init__(self, d: int, heads: int, layers: int, vocab: int = 50):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Parameter(torch.randn(vocab, d) * 0.2)
+        self.blocks = torch.nn.ModuleList()
+        for _ in range(layers):
+            block = torch.nn.Module()
+            block.ln1, block.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+            block.qkv = torch.nn.Parameter(torch.randn(3 * d, d) * d ** -0.5)
+            block.out = torch.nn.Parameter(torch.randn(d, d) * d ** -0.5)
+            block.up = torch.nn.Parameter(torch.randn(4 * d, d) * d ** -0.5)
+            block.down = torch.nn.Parameter(torch.randn(d, 4 * d) * (4 * d) ** -0.5)
+            self.blocks.append(block)
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, ids):
+        B, T = ids.shape
+        x = self.embed[ids]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        for block in self.blocks:
+            q, k, v = (block.ln1(x) @ block.qkv.t()).chunk(3, dim=-1)
+            q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            x = x + (weights @ v).transpose(1, 2).reshape(B, T, -1) @ block.out.t()
+            x = x + F.gelu(block.ln2(x) @ block.up.t()) @ block.down.t()
+        return self.norm(x) @ self.embed.t()
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+@pytest.mark.parametrize("d, heads, layers", [(32, 4, 1), (48, 6, 2)])
+def test_user_written_gpt_compiles_strict_and_fuses_its_attention(d, heads, layers, target, tmp_path):
+    import fuselm
+
+    torch.manual_seed(0)
+    model = UserGPT(d, heads, layers).eval()
+    compiled = fuselm.compile(model, target=target, strict=True, cache_dir=str(tmp_path))
+    for tokens in (7, 12):  # the second length recompiles once, with T symbolic
+        ids = torch.randint(0, 50, (2, tokens))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids), model(ids), atol=1e-4, rtol=1e-4)
+    attention = [n for n in compiled.graph.nodes if n.op == "attention"]
+    assert len(attention) == layers and all(n.attrs["causal"] and len(n.inputs) == 3 for n in attention)
+    assert "matmul" not in compiled.graph.op_counts() and compiled.fallbacks == {}
