@@ -38,7 +38,7 @@ from .codegen.kernel import Kernel
 from .errors import FallbackWarning, FuselmError, UnsupportedKernelError
 from .frontend import capture
 from .frontend.capture import AUTO
-from .frontend.signature import CallSignature, flat_forward, rebuild_output
+from .frontend.signature import TENSOR, CallSignature, flat_forward, rebuild_output
 from .ir.graph import Graph, Input, Node
 from .ir.interpreter import bind_symbols
 from .ir.registry import get_op
@@ -73,8 +73,11 @@ def compile(model: torch.nn.Module, example_inputs=None, *, target: Union[str, T
     exist once even while compiling; the module must not run afterwards."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fuselm.compile takes a torch.nn.Module, got {type(model).__name__}")
-    if dynamic not in (None, True, False) and not isinstance(dynamic, dict):
-        raise TypeError(f"dynamic must be None, True, False or a dict of symbolic dims, got {dynamic!r}")
+    if dynamic not in (None, True, False) and not (isinstance(dynamic, dict) and all(
+            isinstance(dims, dict) for dims in dynamic.values())):
+        raise TypeError(f"dynamic must be None, True, False or a dict {{parameter: {{dim: symbol}}}}, got {dynamic!r}")
+    if isinstance(recompile_limit, bool) or not isinstance(recompile_limit, int) or recompile_limit < 0:
+        raise ValueError(f"recompile_limit must be an int >= 0, got {recompile_limit!r}")
     target = get_target(target)
     target.check_available()
     options = CompileOptions(target, dynamic, strict or os.environ.get("FUSELM_STRICT", "") not in ("", "0"),
@@ -142,11 +145,11 @@ class CompiledModule:
 
     # -- guards and recompiles
     def _entry_for(self, signature: CallSignature, tensors: tuple) -> "CompiledGraph":
-        key = (signature.guard_key(), tuple((t.dtype, t.shape) for t in tensors))
+        key = (signature.guard_key(), self.model.training, tuple((t.dtype, t.shape) for t in tensors))
         entry = self._by_shape.get(key)
         if entry is None:
             with self._capturing:  # two threads' first calls capture once
-                entry = next((e for e in reversed(self.entries) if e.serves(signature, tensors)), None)
+                entry = next((e for e in reversed(self.entries) if e.serves(signature, tensors, self.model.training)), None)
                 if entry is None:
                     entry = self.capture_call(signature, tensors)
                 if len(self._by_shape) >= MAX_REMEMBERED_SHAPES:
@@ -159,7 +162,8 @@ class CompiledModule:
         return self.capture_call(signature, tensors)
 
     def capture_call(self, signature: CallSignature, tensors: tuple) -> "CompiledGraph":
-        seen = self._shapes_seen.setdefault(signature.guard_key(), [])
+        ranks = tuple(t.dim() for t in tensors)  # shapes of other ranks are other graphs
+        seen = self._shapes_seen.setdefault((signature.guard_key(), ranks), [])
         seen.append(tuple(tuple(t.shape) for t in tensors))
         if len(self.entries) > self.options.recompile_limit:
             raise FuselmError(f"recompile_limit={self.options.recompile_limit} reached: the model was compiled "
@@ -209,18 +213,20 @@ class CompiledGraph:
     """One captured graph, its kernels and the executor that runs them."""
 
     def __init__(self, graph: Graph, steps: list, launches: list, fallbacks: Counter, signature: CallSignature,
-                 output, target: Target):
-        self.graph, self.steps, self.target = graph, steps, target
+                 output, target: Target, training: bool = False):
+        self.graph, self.steps, self.target, self.training = graph, steps, target, training
         self.fallbacks = fallbacks
         self.signature, self.output = signature, output
         self._launches = launches
         kernels = {id(group): kernel for group, kernel in launches}
         self._executor = Executor(graph, steps, lambda group: kernels[id(group)].run)
-        self._user_outputs = len([c for c in output.constants if c is None])
+        self._user_outputs = len([c for c in output.constants if c is TENSOR])
         self._updated_inputs = [graph.inputs.index(_updated_input(v)) for v in graph.outputs[self._user_outputs:]]
 
-    def serves(self, signature: CallSignature, tensors: tuple) -> bool:
-        if signature.guard_key() != self.signature.guard_key() or len(tensors) != len(self.graph.inputs):
+    def serves(self, signature: CallSignature, tensors: tuple, training: bool) -> bool:
+        if training != self.training or len(tensors) != len(self.graph.inputs):
+            return False
+        if signature.guard_key() != self.signature.guard_key():
             return False
         try:
             bind_symbols(self.graph.inputs, tensors)
@@ -234,7 +240,10 @@ class CompiledGraph:
         for index, value in zip(self._updated_inputs, results[self._user_outputs:]):
             if value is not tensors[index]:  # a write the kernels did not do in place
                 tensors[index].copy_(value)
-        return rebuild_output(self.output.spec, self.output.constants, results[: self._user_outputs])
+        def sizes():
+            return {str(k): v for k, v in bind_symbols(self.graph.inputs, tensors).items()}
+
+        return rebuild_output(self.output.spec, self.output.constants, results[: self._user_outputs], sizes)
 
     @property
     def kernels(self) -> list:
@@ -260,13 +269,11 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
                   options: CompileOptions, cache: KernelCache) -> CompiledGraph:
     """Capture one call of `model`, run the passes, partition, and get every kernel."""
     target = options.target
-    was_training = model.training
-    try:
-        with torch.no_grad(), target.importing(), flat_forward(model.eval(), signature) as output:
-            graph = capture(model, tensors, dynamic, strict=options.strict)
-            graph = run_passes(graph, target.passes(options.donate_weights), dump_dir=options.dump_dir)
-    finally:
-        model.train(was_training)
+    training = model.training  # captured in the mode it is in (a new mode is a new graph)
+    with torch.no_grad(), target.importing(), flat_forward(model, signature) as output:
+        graph = capture(model, tensors, dynamic, strict=options.strict)
+        graph = run_passes(graph, target.passes(options.donate_weights), dump_dir=options.dump_dir)
+    model.train(training)
     graph.constants.update(target.prepare_weights(graph.constants))
     steps = partition(graph)
     groups = [step for step in steps if isinstance(step, KernelGroup)]
@@ -275,7 +282,7 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
                 for group in _progress(groups, f"fuselm: {target} kernels")]
     if options.dump_dir:
         write_kernel_dump(options.dump_dir, graph, launches)
-    return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target)
+    return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target, training)
 
 
 def _kernel(group: KernelGroup, cache: KernelCache, strict: bool, fallbacks: Counter) -> Kernel:

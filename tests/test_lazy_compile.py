@@ -156,3 +156,72 @@ def test_kernels_whose_sizes_no_input_gives_run_at_every_size(target, tmp_path):
         x = torch.randn(2, length, 8)
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
     assert len(compiled.entries) == 1 and compiled.fallbacks == {}
+
+
+# ----------------------------------------------------------------------------- found by a hostile probe
+class Returns(torch.nn.Module):
+    def forward(self, x, k=1):
+        return {"y": x * k, "none": None, "pair": (x + 1, None)}
+
+
+def test_none_in_the_result_is_kept(tmp_path):
+    """A None output leaf once stood for a tensor's place (StopIteration)."""
+    compiled = fuselm.compile(Returns(), target="cpu", cache_dir=str(tmp_path))
+    got = compiled(torch.ones(3))
+    assert got["none"] is None and got["pair"][1] is None
+    torch.testing.assert_close(got["pair"][0], torch.full((3,), 2.0))
+
+
+def test_constants_are_guarded_with_their_type_and_sign(tmp_path):
+    """1, 1.0 and True (and 0.0 and -0.0) once shared a graph: int results for a float k."""
+    compiled = fuselm.compile(Returns(), target="cpu", cache_dir=str(tmp_path))
+    x = torch.tensor([1, 2])
+    assert compiled(x, 1)["y"].dtype == torch.int64
+    assert compiled(x, 1.0)["y"].dtype == torch.float32
+    assert torch.equal(1 / compiled(torch.ones(2), -0.0)["y"], torch.full((2,), -float("inf")))
+    assert len(compiled.entries) == 3
+
+
+def test_arguments_that_cannot_be_guarded_are_refused(tmp_path):
+    """A numpy array was guarded by its (truncated) repr: changes went unseen."""
+    import numpy as np
+
+    compiled = fuselm.compile(Returns(), target="cpu", cache_dir=str(tmp_path))
+    with pytest.raises(TypeError, match="argument 'k' is a ndarray, which is neither a tensor nor a plain constant"):
+        compiled(torch.ones(3), np.zeros(3))
+
+
+def test_a_size_returned_from_a_symbolic_shape_follows_the_input(tmp_path):
+    """x.shape[0] of a symbolic dim was once returned as the capture's sympy symbol."""
+    class Size(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, x.shape[0]
+
+    compiled = fuselm.compile(Size(), target="cpu", dynamic=True, cache_dir=str(tmp_path))
+    assert [compiled(torch.ones(n))[1] for n in (3, 5, 7)] == [3, 5, 7] and len(compiled.entries) == 1
+
+
+def test_a_rank_change_is_another_graph(tmp_path):
+    compiled = fuselm.compile(Returns(), target="cpu", cache_dir=str(tmp_path))
+    compiled(torch.ones(8))
+    torch.testing.assert_close(compiled(torch.ones(2, 8))["y"], torch.ones(2, 8))
+    assert len(compiled.entries) == 2
+
+
+def test_training_mode_is_guarded(tmp_path):
+    """Dropout in training mode drops; the eval graph is not reused for it (nor back)."""
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5)).train()
+    compiled = fuselm.compile(model, target="cpu", cache_dir=str(tmp_path))
+    assert (compiled(torch.ones(2000)) == 0).sum() > 500
+    model.eval()
+    torch.testing.assert_close(compiled(torch.ones(2000)), torch.ones(2000))
+    assert len(compiled.entries) == 2 and not model.training
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="recompile_limit must be an int >= 0"):
+        fuselm.compile(Scaled(), recompile_limit=-1)
+    with pytest.raises(ValueError, match="recompile_limit must be an int >= 0"):
+        fuselm.compile(Scaled(), recompile_limit="8")
+    with pytest.raises(TypeError, match="dynamic must be"):
+        fuselm.compile(Scaled(), dynamic={"x": [0]})

@@ -25,13 +25,18 @@ import torch
 from torch.utils import _pytree as pytree
 
 
+TENSOR = type("Tensor", (), {"__repr__": lambda self: "<tensor>"})()  # a tensor leaf's place
+PLAIN_CONSTANTS = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format)
+
+
 @dataclass(frozen=True)
 class CallSignature:
     names: tuple  # one per tensor leaf, in order: the captured graph's input names
     spec: object  # the pytree spec of the bound arguments {parameter: value}
-    constants: tuple  # the leaves, with None standing where a tensor goes
+    constants: tuple  # the leaves, with TENSOR standing where a tensor goes
     tensor_slots: tuple  # positions of the tensor leaves among the leaves
     parameters: object  # the forward's inspect.Signature
+    leaf_names: tuple = ()  # each leaf's name (its parameter and place), for messages
 
     @staticmethod
     def of(model: torch.nn.Module, args: tuple, kwargs: dict, parameters=None) -> tuple:
@@ -45,14 +50,15 @@ class CallSignature:
         leaves, spec = pytree.tree_flatten_with_path(dict(bound.arguments))
         slots = tuple(i for i, (_, leaf) in enumerate(leaves) if isinstance(leaf, torch.Tensor))
         names = _unique_names([_name(path) for path, leaf in leaves if isinstance(leaf, torch.Tensor)])
-        constants = tuple(None if i in slots else leaf for i, (_, leaf) in enumerate(leaves))
+        constants = tuple(TENSOR if i in slots else leaf for i, (_, leaf) in enumerate(leaves))
         tensors = tuple(leaves[i][1] for i in slots)
-        return CallSignature(tuple(names), spec, constants, slots, parameters), tensors
+        leaf_names = tuple(_name(path) for path, _ in leaves)
+        return CallSignature(tuple(names), spec, constants, slots, parameters, leaf_names), tensors
 
     def guard_key(self) -> tuple:
         """What must be equal for a compiled entry to serve a call: the structure and
-        every non-tensor value."""
-        return (str(self.spec), tuple(_hashable(c) for c in self.constants))
+        every non-tensor value, with its type (1, 1.0 and True are three guards)."""
+        return (str(self.spec), tuple(_guarded(f"argument {name!r}", c) for name, c in zip(self.leaf_names, self.constants)))
 
     def call(self, forward, tensors) -> object:
         """forward(...) with the original structure and these tensors."""
@@ -81,7 +87,7 @@ def flat_forward(model: torch.nn.Module, signature: CallSignature):
 
     def forward(*tensors):
         leaves, record.spec = pytree.tree_flatten(signature.call(original, tensors))
-        record.constants = tuple(None if isinstance(x, torch.Tensor) else x for x in leaves)
+        record.constants = tuple(TENSOR if isinstance(x, torch.Tensor) else _output_constant(x) for x in leaves)
         return tuple(x for x in leaves if isinstance(x, torch.Tensor))
 
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -97,11 +103,21 @@ def flat_forward(model: torch.nn.Module, signature: CallSignature):
             del model.forward
 
 
-def rebuild_output(spec, constants: tuple, tensors) -> object:
-    """The model's result: `tensors` put back where the tensor leaves were."""
+def rebuild_output(spec, constants: tuple, tensors, sizes=None) -> object:
+    """The model's result: `tensors` put back where the tensor leaves were, symbolic sizes
+    evaluated with `sizes()` ({symbol name: int}, asked for only when one is returned)."""
     tensors = iter(tensors)
-    leaves = [next(tensors) if c is None else c for c in constants]
+    leaves = [next(tensors) if c is TENSOR else _size(c, sizes) if isinstance(c, SizeLeaf) else c for c in constants]
     return pytree.tree_unflatten(leaves, spec)
+
+
+def _size(leaf: SizeLeaf, sizes) -> int:
+    known = sizes()
+    value = leaf.expr.subs({s: known[str(s)] for s in leaf.expr.free_symbols if str(s) in known})
+    if not value.is_Integer:
+        raise TypeError(f"fuselm.compile: the model returns the size {leaf.expr}, which the input shapes do not "
+                        "determine here; return it as a tensor")
+    return int(value)
 
 
 def _name(path) -> str:
@@ -120,9 +136,32 @@ def _unique_names(names: list) -> list:
     return out
 
 
-def _hashable(value):
-    try:
-        hash(value)
+def _guarded(where: str, value):
+    """A non-tensor argument as a guard: plain values by type and repr (so -0.0 and NaN
+    guard as they print); anything else cannot be guarded and is refused."""
+    if value is TENSOR:
         return value
-    except TypeError:
-        return repr(value)
+    if isinstance(value, torch.SymInt) or not isinstance(value, PLAIN_CONSTANTS):
+        raise TypeError(f"fuselm.compile: {where} is a {type(value).__name__}, which is neither a tensor nor a "
+                        f"plain constant (int, float, bool, str, None, dtype, device) that a compiled graph can be "
+                        f"guarded on; pass tensors, or register the type with torch.utils._pytree")
+    return (type(value).__name__, repr(value))
+
+
+@dataclass(frozen=True)
+class SizeLeaf:
+    """A size the model returns that depends on symbolic input dims (`x.shape[0]`): its
+    expression, evaluated at every call from the input shapes."""
+    expr: object
+
+
+def _output_constant(value):
+    """A non-tensor leaf of the model's result: plain values as they are, symbolic sizes as
+    SizeLeaf; an unregistered container (it may hold tensors) is refused."""
+    if isinstance(value, torch.SymInt):
+        return SizeLeaf(value.node.expr)
+    if not isinstance(value, PLAIN_CONSTANTS):
+        raise TypeError(f"fuselm.compile: the model returns a {type(value).__name__}; compiled models return "
+                        "tensors and plain constants in tuples, lists, dicts, namedtuples or other pytree "
+                        "containers (register the type with torch.utils._pytree)")
+    return value
