@@ -5,7 +5,6 @@ later fall under the same walk: an op without a sample group here fails it.
 Correctness of each kernel is tested per target (test_generic_kernels_cpu/_cuda.py and the
 dedicated files); this walk proves nothing is left without a kernel."""
 import pytest
-import torch
 
 from fuselm.codegen import triton as cuda
 from fuselm.codegen import tvm as cpu
@@ -82,4 +81,3 @@ def test_every_op_has_a_generated_kernel_on_both_targets(op, tmp_path):
     assert "T.prim_func" in tir.source and tir.source_ext == "tir", f"no TIR for {op}"
     triton = cuda.emit(group, tmp_path)
     assert "@triton.jit" in triton.source and triton.source_ext == "py", f"no Triton kernel for {op}"
-    assert torch  # the kernels run in the per-target tests
