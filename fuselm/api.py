@@ -169,6 +169,10 @@ class CompiledModule:
             raise FuselmError(f"recompile_limit={self.options.recompile_limit} reached: the model was compiled "
                               f"{len(self.entries)} times; {_changing(signature, self._shapes_seen)}. Pass "
                               "dynamic={...} naming those dims, or dynamic=True, or raise recompile_limit")
+        if self.entries and self.options.donate_weights:
+            raise FuselmError("this call needs a new graph, but donate_weights=True gave the model's weights to the "
+                              f"first one; {_changing(signature, self._shapes_seen)}. Compile with dynamic=... "
+                              "covering such calls, or without donate_weights")
         dynamic = self._dynamic_spec(signature, seen)
         entry = compile_graph(self.model, signature, tensors, dynamic, self.options, self._cache)
         stats["captures"] += 1

@@ -225,3 +225,14 @@ def test_bad_options_are_clear_errors():
         fuselm.compile(Scaled(), recompile_limit="8")
     with pytest.raises(TypeError, match="dynamic must be"):
         fuselm.compile(Scaled(), dynamic={"x": [0]})
+
+
+def test_donated_weights_refuse_a_recompile(tmp_path):
+    """The first graph owns donated weights (the module's are scrambled): a later capture
+    would read garbage, so it is refused with a message saying why."""
+    model = Scaled().eval()
+    compiled = fuselm.compile(model, (torch.randn(2, 3, 16),), target="cpu", dynamic={"x": {1: "S"}},
+                              donate_weights=True, cache_dir=str(tmp_path))
+    compiled(torch.randn(2, 7, 16))  # the symbolic dim serves it
+    with pytest.raises(FuselmError, match="donate_weights=True gave the model's weights to the first one"):
+        compiled(torch.randn(3, 7, 16))
