@@ -312,6 +312,21 @@ def _torch_only(group: Graph) -> bool:
     return any(get_op(n.op).fallback for n in group.nodes) or any(v.type.is_complex for v in values)
 
 
+def compile_lm(loaded, target: Union[str, Target], block_size: int, dtype: torch.dtype, cache_dir: Optional[str],
+               donate_weights: bool = False):
+    """A loaded language model compiled for `target` in the LM contract (models/contract.py),
+    with symbolic token and batch sizes: the engine's forward pass.
+    `donate_weights`: the compiled layouts may reuse (and scramble) the module's weights."""
+    from .models.contract import capture_example
+
+    target = get_target(target)
+    example, dynamic = capture_example(loaded.config, block_size=block_size, dtype=dtype)
+    model = loaded.model.to(target.device)
+    example = tuple(t.to(target.device) for t in example)
+    return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir,
+                   donate_weights=donate_weights)
+
+
 def _progress(items: list, description: str):
     """A progress bar on an interactive terminal (the CLI's first compile); silent otherwise."""
     from tqdm import tqdm

@@ -68,10 +68,11 @@ def sampling_params(args):
 def stream_reply(llm, prompt, params) -> str:
     """Print the reply as it is generated; then its speed on stderr."""
     started = time.perf_counter()
-    for piece in llm.stream(prompt, params):
+    stream = llm.stream(prompt, params)
+    for piece in stream:
         print(piece, end="", flush=True)
     print()
-    output = llm.last_output
+    output = stream.output
     elapsed = time.perf_counter() - started
     print(f"fuselm: {len(output.token_ids)} tokens in {elapsed:.2f} s, {len(output.token_ids) / elapsed:.1f} tokens/s "
           f"({output.finish_reason}, target {llm.target})", file=sys.stderr)

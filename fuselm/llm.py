@@ -2,12 +2,19 @@
 
     llm = fuselm.LLM("smollm2-135m")            # target="auto": cuda if a GPU is visible
     outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
-    for piece in llm.stream("Once upon a time", SamplingParams(max_tokens=64)): ...
+    stream = llm.stream("Once upon a time", SamplingParams(max_tokens=64))
+    for piece in stream: ...                    # then stream.output is its RequestOutput
     reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}])
 
-Everything runs on the engine core (runtime/engine.py): `generate` validates every
-request before queuing any, then steps the engine until all are done, so the
-prompts are served together by continuous batching.
+Every call is a consumer of one engine loop (runtime/engine_loop.py): the engine steps
+on its own thread and each request's outputs go to that request's stream, so calls from
+several threads, and streams read at any pace, are served together by continuous
+batching and never see each other's outputs. `generate` validates every prompt before
+queuing any; a call interrupted (Ctrl-C) or a stream dropped unread aborts its requests
+and frees their KV blocks.
+
+Defaults are vLLM's: a prompt is used as given (no chat template; `chat` applies it)
+and `SamplingParams()` samples at temperature 1.0 for at most 16 tokens.
 """
 from __future__ import annotations
 
@@ -16,12 +23,13 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from .runtime.engine import LLMEngine, sample_id
+from .runtime.engine import LLMEngine
+from .runtime.engine_loop import EngineLoop, RequestStream
 from .runtime.request import RequestOutput
 from .sampling_params import SamplingParams
 from .target import get_target
 
-Prompt = Union[str, Sequence[int]]
+Prompt = Union[str, Sequence[int], dict]
 
 
 class LLM:
@@ -45,49 +53,44 @@ class LLM:
                                     block_size=block_size, enable_prefix_caching=enable_prefix_caching,
                                     cache_dir=cache_dir, enforce_eager=enforce_eager,
                                     donate_weights=True)  # the model is ours alone
+        self.loop = EngineLoop(self.engine)
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "LLM":
         """An LLM front end over an engine built elsewhere (e.g. sharing a compiled model)."""
         llm = cls.__new__(cls)
         llm.target, llm.engine, llm.tokenizer = engine.target, engine, engine.tokenizer
+        llm.loop = EngineLoop(engine)
         return llm
+
+    def close(self) -> None:
+        """Abort what is still running and stop the engine loop's thread."""
+        self.loop.shutdown()
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list:
         """One RequestOutput per prompt, in order. Every request is validated before any runs.
         With SamplingParams(n > 1), the output is the first sample's, and `output.samples`
         holds all n (the prompt is prefilled once; the samples fork its KV blocks)."""
-        prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        single = _is_single_prompt(prompts)
+        if not single and not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
+        prompts = [prompts] if single else list(prompts)
         params = _params_per_prompt(sampling_params, len(prompts))
-        requests = [self.engine.make_request(p, sp, None, final_output_only=True) for p, sp in zip(prompts, params)]
-        for request in requests:
-            self.engine.enqueue(request)
-        finished: dict = {}
-        wanted = {sample for r in requests for sample in _sample_ids(r)}
-        while wanted - finished.keys():
-            for output in self.engine.step():
-                if output.finished and output.request_id in wanted:
-                    finished[output.request_id] = output
-        return [_with_samples(finished, r) for r in requests]
-
-    def stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None) -> Iterator[str]:
-        """Yield the text of one request piece by piece as it is generated; the pieces
-        concatenate to the text `generate` would return. The last output is kept in
-        `self.last_output`."""
-        request_id = self.engine.add_request(prompt, sampling_params)
+        requests = [self.engine.make_request(p, sp, None, final_output_only=True,
+                                             argument="prompt" if single else f"prompts[{i}]")
+                    for i, (p, sp) in enumerate(zip(prompts, params))]
+        streams = self.loop.submit_requests(requests)
         try:
-            while True:
-                for output in self.engine.step():
-                    if output.request_id != request_id:
-                        continue
-                    if output.new_text:
-                        yield output.new_text
-                    if output.finished:
-                        self.last_output = output
-                        return
+            return [_final_output(stream) for stream in streams]
         finally:
-            self.engine.abort(request_id)  # a consumer that stops early frees the request
+            for stream in streams:
+                stream.close()  # an interrupted call aborts what is left
+
+    def stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None) -> "TextStream":
+        """The text of one request, piece by piece as it is generated; the pieces concatenate
+        to the text `generate` would return, and `.output` is the final RequestOutput."""
+        return TextStream(self.loop.submit(prompt, sampling_params))
 
     def chat(self, messages: Sequence[dict], sampling_params: Optional[SamplingParams] = None) -> RequestOutput:
         """Answer a conversation rendered through the model's chat template."""
@@ -99,25 +102,55 @@ class LLM:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
 
-def _sample_ids(request) -> list:
-    return [request.request_id] + [sample_id(request.request_id, i) for i in range(1, request.params.n)]
+class TextStream:
+    """An iterator over one request's new text; `output` is its final RequestOutput once
+    the iteration ends. Closing it (or dropping it unread) aborts the request."""
+
+    def __init__(self, stream: RequestStream):
+        self.request_id = stream.request_id
+        self.output: Optional[RequestOutput] = None
+        self._stream = stream
+        self._pieces = self._read()
+
+    def _read(self) -> Iterator[str]:
+        for output in self._stream:
+            if output.new_text:
+                yield output.new_text
+            if output.finished and output.index == 0:
+                self.output = output
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        self._stream.close()
 
 
-def _with_samples(finished: dict, request) -> RequestOutput:
-    output = finished[request.request_id]
-    if request.params.n > 1:
-        output.samples = [dataclasses.replace(output)] + [finished[i] for i in _sample_ids(request)[1:]]
+def _final_output(stream: RequestStream) -> RequestOutput:
+    """The first sample's final output, with every sample's in `.samples` when n > 1."""
+    finals = {output.index: output for output in stream if output.finished}
+    output = finals[0]
+    if stream.num_samples > 1:
+        output.samples = [dataclasses.replace(output)] + [finals[i] for i in range(1, stream.num_samples)]
     return output
 
 
 def _is_single_prompt(prompts) -> bool:
-    return isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts)
-                                        and all(isinstance(t, int) for t in prompts))
+    """A str, a dict, or a non-empty list of ints (token ids); a list of prompts otherwise."""
+    return isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and bool(prompts)
+                                                and all(isinstance(t, int) for t in prompts))
 
 
 def _params_per_prompt(sampling_params, count: int) -> list:
     if sampling_params is None or isinstance(sampling_params, SamplingParams):
         return [sampling_params] * count
+    if not isinstance(sampling_params, (list, tuple)):
+        raise TypeError(f"sampling_params must be a SamplingParams, a list of them or None, "
+                        f"got {type(sampling_params).__name__}")
     params = list(sampling_params)
     if len(params) != count:
         raise ValueError(f"got {len(params)} sampling_params for {count} prompts")

@@ -1,10 +1,11 @@
 """How one request wants its tokens chosen and when it stops: `SamplingParams`.
 
 The names and defaults follow vLLM's `SamplingParams`, so a request written for vLLM
-or for an OpenAI-style server means the same thing here. The object is plain data; the
+or for an OpenAI-style server means the same thing here. The object is frozen data: the
 sampler (`fuselm.runtime.sampler`) reads it and the engine reads the stop conditions.
 
-Every field is checked once, in `__post_init__`, so nothing downstream needs to guard
+Every field is checked once, in `__post_init__` (edits afterwards raise
+FrozenInstanceError), so nothing downstream needs to guard
 against a bad value: first the types (numpy scalars are accepted and turned into
 Python ones; a bool is not taken for a number), then the ranges, written as a table of
 `(field, rule, check)` rows. A failed check raises `ValueError` naming the field, the
@@ -47,7 +48,7 @@ _RANGE_RULES = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 or -1: all tokens
@@ -69,8 +70,8 @@ class SamplingParams:
 
     def __post_init__(self):
         self._check_types()
-        self.stop = _normalized_stop(self.stop)
-        self.stop_token_ids = _normalized_stop_token_ids(self.stop_token_ids)
+        self._set("stop", _normalized_stop(self.stop))
+        self._set("stop_token_ids", _normalized_stop_token_ids(self.stop_token_ids))
         for name, rule, check in _RANGE_RULES:
             value = getattr(self, name)
             if not check(value):
@@ -83,15 +84,18 @@ class SamplingParams:
         """True when the next token is the argmax of the penalized logits."""
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
+    def _set(self, name: str, value) -> None:
+        """Normalize a field during validation (the object is frozen afterwards)."""
+        object.__setattr__(self, name, value)
+
     def _check_types(self) -> None:
         for name in _FLOAT_FIELDS:
-            setattr(self, name, _as_float(name, getattr(self, name)))
-        self.top_k = _as_int("top_k", self.top_k)
-        self.min_tokens = _as_int("min_tokens", self.min_tokens)
-        self.n = _as_int("n", self.n)
+            self._set(name, _as_float(name, getattr(self, name)))
+        for name in ("top_k", "min_tokens", "n"):
+            self._set(name, _as_int(name, getattr(self, name)))
         for name in _OPTIONAL_INT_FIELDS:
             value = getattr(self, name)
-            setattr(self, name, None if value is None else _as_int(name, value, "an int or None"))
+            self._set(name, None if value is None else _as_int(name, value, "an int or None"))
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -185,17 +185,17 @@ def test_a_request_failing_while_running_does_not_stop_the_others(smollm2, scrip
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
-@pytest.mark.parametrize("prompt, params, message", [
-    ("", None, "prompt is empty"),
-    ([], None, "prompt is empty"),
-    ([1, 2, -5], None, "token ids"),
-    ("x " * 300, None, "prompt is too long"),
-    ("hello", SamplingParams(max_tokens=256), "exceeds max_model_len"),
-    ("hello", "greedy", "SamplingParams"),
+@pytest.mark.parametrize("prompt, params, error, message", [
+    ("", None, ValueError, "prompt is empty"),
+    ([], None, ValueError, "prompt is empty"),
+    ([1, 2, -5], None, ValueError, "token ids"),
+    ("x " * 300, None, ValueError, "prompt is too long"),
+    ("hello", SamplingParams(max_tokens=256), ValueError, "exceeds max_model_len"),
+    ("hello", "greedy", TypeError, "SamplingParams"),
 ])
-def test_bad_requests_raise_and_queue_nothing(smollm2, script, prompt, params, message):
+def test_bad_requests_raise_and_queue_nothing(smollm2, script, prompt, params, error, message):
     engine, _ = make_engine(smollm2, script)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         engine.add_request(prompt, params)
     assert not engine.has_unfinished() and not engine.requests
 
@@ -203,7 +203,7 @@ def test_bad_requests_raise_and_queue_nothing(smollm2, script, prompt, params, m
 def test_generate_validates_every_request_before_running_any(smollm2, script):
     engine, forward = make_engine(smollm2, script)
     llm = LLM.from_engine(engine)
-    with pytest.raises(ValueError, match="prompt is empty"):
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
         llm.generate([script[:5], "", script[:7]], GREEDY)
     assert not engine.has_unfinished() and not forward.batches
     outputs = llm.generate([script[:5], script[:7]], GREEDY)

@@ -9,7 +9,8 @@ For fuselm-against-fuselm checks the reference is each prompt run alone.
 import pytest
 import torch
 
-from fuselm.runtime.engine import LLMEngine, compile_lm
+from fuselm.api import compile_lm
+from fuselm.runtime.engine import LLMEngine
 from fuselm.runtime.kv_cache import kv_bytes_per_token
 from fuselm.sampling_params import SamplingParams
 
@@ -197,3 +198,50 @@ def test_chat_answers_the_readme_question(smollm2, smollm2_forward):
     reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                      SamplingParams(temperature=0, max_tokens=32))
     assert "Paris" in reply.text and reply.finish_reason == "stop"
+
+
+CONSUMER_NEAR_TIE = 1e-4
+
+
+def test_consumers_served_together_equal_requests_served_alone(smollm2, smollm2_forward, prompts, single_runs):
+    """Three threads calling `generate` and one reading a stream, over one engine loop: each
+    gets its own outputs, equal token for token to the prompt run alone, except after a
+    near-tie (the solo run's top two logits within 1e-4), which are counted and printed."""
+    import threading
+
+    from fuselm.llm import LLM
+
+    llm = LLM.from_engine(make_engine(smollm2, smollm2_forward))
+    groups = [[0, 3, 6], [1, 4, 7], [2, 5]]
+    results, errors = {}, []
+
+    def consumer(indices):
+        try:
+            for index, output in zip(indices, llm.generate([prompts[i] for i in indices], GREEDY)):
+                results[index] = output
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=consumer, args=(group,)) for group in groups]
+    for thread in threads:
+        thread.start()
+    stream = llm.stream(prompts[0], GREEDY)
+    streamed = "".join(stream)
+    for thread in threads:
+        thread.join()
+    llm.close()
+    assert not errors and sorted(results) == list(range(len(prompts)))
+    near_ties = 0
+    for index, output in results.items():
+        reference = single_runs[index]
+        gaps = top2_gaps(reference, EOS)
+        diverged = next((step for step, (a, b) in enumerate(zip(output.token_ids, reference.token_ids)) if a != b), None)
+        if diverged is not None:
+            assert gaps[diverged] < CONSUMER_NEAR_TIE, f"prompt {index} diverged at token {diverged}, gap {gaps[diverged]:.2e}"
+            near_ties += 1
+        else:
+            assert output.token_ids == reference.token_ids
+    print(f"{len(results)} requests served together: {near_ties} diverged at a near-tie")
+    assert stream.output.token_ids == single_runs[0].token_ids or near_ties
+    assert streamed == stream.output.text
+    assert llm.engine.kv.num_used_blocks == 0 and not llm.engine.requests

@@ -63,11 +63,28 @@ def test_aborting_a_request_aborts_its_samples(llm):
     engine = llm.engine
     request_id = engine.add_request([1, 2, 3, 4, 5, 6], sampled(seed=1, n=3))
     outputs = engine.step()  # the prefill: its two samples are forked
-    assert {o.request_id for o in outputs} == {request_id, f"{request_id}#1", f"{request_id}#2"}
+    assert {(o.request_id, o.index) for o in outputs} == {(request_id, 0), (request_id, 1), (request_id, 2)}
     engine.abort(request_id)
     ended = engine.step()
     assert sorted(o.finish_reason for o in ended) == ["abort"] * 3
-    assert not engine.has_unfinished() and engine.kv.num_used_blocks == 0
+    assert not engine.has_unfinished() and engine.kv.num_used_blocks == 0 and not engine.requests
+
+
+def test_sample_ids_cannot_collide_with_user_ids(llm):
+    """Samples were once named "<id>#<i>": a user's request "P#1" next to "P" with n=2
+    collided with P's sample, and the next step ran a forward pass with zero tokens
+    (a segfault on the compiled model)."""
+    engine = llm.engine
+    engine.add_request([1, 2, 3, 4], sampled(seed=0, n=2), request_id="P")
+    engine.add_request([5, 6, 7, 8], sampled(seed=1), request_id="P#1")
+    finished = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.finished:
+                finished[(output.request_id, output.index)] = output
+    assert set(finished) == {("P", 0), ("P", 1), ("P#1", 0)}
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 12 for o in finished.values())
+    assert engine.kv.num_used_blocks == 0 and not engine.requests
 
 
 @pytest.mark.parametrize("n", [0, -1, 1.5, True])

@@ -1,33 +1,45 @@
-"""The engine core: `add_request`, `step`, `abort`; `fuselm.LLM` is built on it.
+"""The engine core: `add_request`, `step`, `abort`; `fuselm.LLM` and the server are built on it.
 
     engine = LLMEngine(loaded_model, target="cpu", max_model_len=512)
     request_id = engine.add_request("Hello", SamplingParams(max_tokens=8))
     while engine.has_unfinished():
         for output in engine.step(): ...
 
-A step is: schedule (scheduler.py) -> one forward pass over the packed batch
-(model_runner.py) -> note which tokens are now in the KV cache -> sample the requests
-whose last token was computed (sampler.py) -> detokenize and check stop conditions
-(detokenizer.py) -> free the blocks of finished requests.
+A step is: schedule (scheduler.py, the only owner of the KV-cache manager) -> one forward
+pass over the packed batch (model_runner.py) -> note which tokens are now in the KV cache
+-> sample the requests whose last token was computed (sampler.py) -> turn each token into
+text, a stop decision and an output (output_processor.py) -> free the blocks of finished
+requests. Requests come in through intake.py, which checks everything about them first:
+a bad request raises TypeError or ValueError in `add_request` and nothing of it is queued.
 
-Validation happens in `add_request`: a bad request raises ValueError there and nothing
-of it is queued. A request that fails while running (its sampling or detokenizing
-raises, or a forward pass that fails for it alone) ends with finish_reason "error"
-and the message; the others go on.
+Failures stay with the requests they concern. A request whose forward pass, sampling or
+detokenizing raises ends with finish_reason "error" and the message; the others go on,
+and an unexpected error in a step ends that step's requests alone. A KeyboardInterrupt
+or SystemExit raised inside `step` propagates, leaving the engine consistent: outputs
+made before it come with the next step, and a request interrupted between its forward
+pass and its sampling recomputes its last token (a forward pass with zero tokens is
+never issued).
+
+The methods are thread-safe (one lock; a step holds it), but one consumer should drive
+`step` at a time: several consumers share an engine through `EngineLoop`
+(engine_loop.py), which steps it on one thread and routes each request's outputs to
+its own stream.
 """
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 
 from ..target import Target, get_target
 from ..sampling_params import SamplingParams
-from .detokenizer import IncrementalDetokenizer
+from .intake import RequestIntake
 from .kv_cache import KVCacheManager, free_memory_budget, kv_bytes_per_token, num_blocks_for_budget
 from .model_runner import ModelRunner
+from .output_processor import OutputProcessor
 from .request import Request, RequestOutput, RequestStatus
 from .sampler import Sampler, SamplingState
 from .scheduler import ScheduledRequest, Scheduler, SchedulerConfig
@@ -40,6 +52,8 @@ class EngineStats:
     steps: int = 0
     preemptions: int = 0
     batched_tokens: int = 0
+    prompt_tokens: int = 0  # of requests queued (vLLM's prompt_tokens_total)
+    generation_tokens: int = 0  # sampled
     kv_utilization: list = field(default_factory=list)  # per step: tokens stored / slots held
 
     @property
@@ -61,23 +75,34 @@ class LLMEngine:
         _check_positive(max_num_seqs=max_num_seqs, block_size=block_size)
         dtype = next(loaded.model.parameters()).dtype
         device = target.device
-        forward = forward or compile_lm(loaded, target, block_size, dtype, cache_dir, donate_weights)
+        if forward is None:
+            from ..api import compile_lm  # the compiler sits above the runtime
+
+            forward = compile_lm(loaded, target, block_size, dtype, cache_dir, donate_weights)
         if donate_weights:
             release_module_weights(loaded.model)
         num_blocks = self._num_blocks(kv_cache_bytes, max_num_seqs, block_size, dtype, device)
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.runner = ModelRunner(forward, self.config, self.kv, device, dtype)
+        kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.runner = ModelRunner(forward, self.config, kv, device, dtype)
         if target.cuda_graphs and not enforce_eager:  # decode steps replay CUDA graphs
             self.runner.use_decode_graphs(max_num_seqs, self.max_model_len, capture=device.type == "cuda")
         budget = max_num_batched_tokens or max(2048, max_num_seqs)
         _check_positive(max_num_batched_tokens=budget)
-        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, budget, self.max_model_len), self.kv)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, budget, self.max_model_len), kv)
+        self.intake = RequestIntake(self.tokenizer, self.config.vocab_size, self.max_model_len)
+        self.requests: dict = {}  # live requests (and forked samples) by Request.key
+        self.outputs = OutputProcessor(self.intake, self.scheduler, self.requests, self.tokenizer.eos_token_ids,
+                                       self.max_model_len)
         self.sampler = Sampler()
-        self.requests: dict = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
-        self._pending: list = []  # outputs of aborted requests, returned by the next step
-        self._num_samples: dict = {}  # request id -> n, for requests that forked samples
+        self._pending: list = []  # outputs not yet returned by `step` (aborts, an interrupted step)
+        self._lock = threading.RLock()
+
+    @property
+    def kv(self) -> KVCacheManager:
+        """The KV-cache manager (owned by the scheduler: read it, do not change it)."""
+        return self.scheduler.kv
 
     def _num_blocks(self, kv_cache_bytes, max_num_seqs, block_size, dtype, device) -> int:
         """cpu: room for max_num_seqs full contexts; cuda: a fraction of free memory."""
@@ -95,85 +120,76 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------
 
-    def add_request(self, prompt: Union[str, Sequence[int]], params: Optional[SamplingParams] = None,
-                    request_id: Optional[str] = None) -> str:
-        """Validate and queue a request; returns its id. Raises ValueError, queuing nothing."""
+    def add_request(self, prompt, params: Optional[SamplingParams] = None, request_id: Optional[str] = None) -> str:
+        """Validate and queue a request; returns its id. Raises TypeError or ValueError,
+        queuing nothing. `prompt` takes the forms intake.py lists."""
         return self.enqueue(self.make_request(prompt, params, request_id))
 
+    def make_request(self, prompt, params: Optional[SamplingParams], request_id: Optional[str] = None,
+                     final_output_only: bool = False, argument: str = "prompt") -> Request:
+        """A validated request, not yet queued (`enqueue` queues it, and names it if
+        `request_id` is None). `argument` names the prompt in error messages."""
+        if request_id is not None and not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str or None, got {type(request_id).__name__}")
+        if request_id == "":
+            raise ValueError("request_id is empty")
+        return self.intake.make_request(prompt, params, request_id, final_output_only, argument)
+
     def enqueue(self, request: Request) -> str:
-        """Queue a request made (and so validated) by `make_request`."""
-        self.requests[request.request_id] = request
-        self.scheduler.add(request)
+        """Queue a request made by `make_request`; ValueError if its id is in use."""
+        with self._lock:
+            if request.request_id is None:
+                request.request_id = self._new_id()
+            elif self.is_active(request.request_id):
+                raise ValueError(f"request_id {request.request_id!r} is already in use")
+            self.requests[request.key] = request
+            self.scheduler.add(request)
+            self.stats.prompt_tokens += len(request.prompt_token_ids)
         return request.request_id
 
-    def make_request(self, prompt, params: Optional[SamplingParams], request_id: Optional[str],
-                     final_output_only: bool = False) -> Request:
-        """A validated request. `final_output_only`: `step` reports it once, when it ends (and
-        its text is decoded then, unless stop strings need it token by token)."""
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        text, token_ids = self.tokenize(prompt)
-        max_tokens = self.check_length(len(token_ids), params)
-        sampling = SamplingState.create(params, token_ids, self.tokenizer.eos_token_ids)
-        if params.n > 1 and any(sample_id(request_id, i) in self.requests for i in range(1, params.n)):
-            raise ValueError(f"request_id {request_id!r}: the ids of its samples are already in use")
-        return Request(request_id, text, list(token_ids), params, sampling,
-                       self.new_detokenizer(token_ids, params, final_output_only), max_tokens,
-                       output_token_ids=sampling.output_token_ids, final_output_only=final_output_only,
-                       pending_forks=params.n - 1)
+    def _new_id(self) -> str:
+        """The next automatic id, skipping ids users chose."""
+        while True:
+            request_id = str(next(self._ids))
+            if not self.is_active(request_id):
+                return request_id
 
-    def new_detokenizer(self, prompt_token_ids, params: SamplingParams,
-                        final_output_only: bool = False) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(
-            self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
-            stop=params.stop or (), include_stop_str_in_output=params.include_stop_str_in_output,
-            deferred=final_output_only)
+    def is_active(self, request_id: str) -> bool:
+        """Whether a request (or a sample forked from it) with this id is unfinished."""
+        with self._lock:
+            return request_id in self.requests or any(key[0] == request_id for key in self._sample_keys())
 
-    def tokenize(self, prompt) -> tuple:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            return prompt, self.tokenizer.encode(prompt)
-        token_ids = list(prompt)
-        if not token_ids:
-            raise ValueError("prompt is empty (no token ids)")
-        vocab = self.config.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
-        return None, token_ids
-
-    def check_length(self, prompt_len: int, params: SamplingParams) -> int:
-        """The request's max_tokens, after checking prompt and output fit the context."""
-        room = self.max_model_len - prompt_len
-        if room < 1:
-            raise ValueError(f"prompt is too long: {prompt_len} tokens, and max_model_len={self.max_model_len} "
-                             "leaves no room for a generated token")
-        if params.max_tokens is None:
-            return room
-        if params.max_tokens > room:
-            raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"max_model_len={self.max_model_len}")
-        return params.max_tokens
+    def _sample_keys(self) -> list:
+        return [key for key in self.requests if isinstance(key, tuple)]
 
     def abort(self, request_id: str) -> None:
-        """End a request (and the samples forked from it) with finish_reason "abort"."""
-        request_id = str(request_id)
-        for index in range(1, self._num_samples.pop(request_id, 1)):
-            self.abort(sample_id(request_id, index))
-        request = self.requests.get(request_id)
-        if request is None or request.finished:
-            return
-        request.finish("abort")
-        self.scheduler.finish(request)
-        self._pending.append(self._retire(request, request.detokenizer.flush()))
+        """End a request (and the samples forked from it) with finish_reason "abort";
+        its outputs come with the next step. An unknown or finished id is ignored."""
+        with self._lock:
+            keys = [request_id] + [key for key in self._sample_keys() if key[0] == request_id]
+            for key in keys:
+                request = self.requests.get(key)
+                if request is None or request.finished:
+                    continue
+                request.finish("abort")
+                self.scheduler.finish(request)
+                self._pending.append(self.outputs.retire(request, request.detokenizer.flush()))
+
+    def return_outputs(self, outputs: list) -> None:
+        """Put outputs back to be returned, first, by the next `step` (engine_loop.py hands
+        back those of requests it did not submit)."""
+        with self._lock:
+            self._pending[:0] = outputs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        with self._lock:
+            return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
 
     # -- one iteration --------------------------------------------------------------
 
@@ -182,15 +198,20 @@ class LLMEngine:
         # The sampler's torch work runs on one thread too: torch's OpenMP workers would
         # otherwise spin after it and slow the kernels of the next step (measured 4x on
         # the decode attention).
-        with torch.no_grad(), self.target.running():
-            return self._step()
-
-    def _step(self) -> list:
-        outputs, self._pending = self._pending, []
-        batch = self.scheduler.schedule()
-        self.stats.preemptions += len(batch.preempted)
-        if not batch.scheduled:
+        with self._lock, torch.no_grad(), self.target.running():
+            batch = self.scheduler.schedule()
+            self.stats.preemptions += len(batch.preempted)
+            if batch.scheduled:
+                try:
+                    self._run(batch)
+                except Exception as err:  # noqa: BLE001 - a bug in a step ends its requests alone
+                    self._fail_batch(batch, err)
+            outputs, self._pending = self._pending, []
             return outputs
+
+    def _run(self, batch) -> None:
+        """The batch's forward pass, sampling and outputs (appended to `_pending` one by
+        one, so an interrupt loses none of them)."""
         logits = self._forward(batch)
         self.stats.steps += 1
         self.stats.batched_tokens += batch.num_tokens
@@ -198,15 +219,23 @@ class LLMEngine:
         for row, item in enumerate(batch.scheduled):
             request = item.request
             if request.finished:  # its forward pass failed (see _forward)
-                outputs.append(self._retire(request, request.detokenizer.flush()))
+                self._pending.append(self.outputs.retire(request, request.detokenizer.flush()))
                 continue
-            request.num_computed = item.start + item.num_new
-            self.kv.mark_computed(request.request_id, request.all_token_ids, request.num_computed)
+            self.scheduler.mark_computed(request, item.start + item.num_new)
             if item.completes:
                 completing.append((row, request))
-        self._record_utilization()
-        outputs += self._sample_and_advance(logits, completing)
-        return outputs
+        utilization = self.scheduler.kv_utilization()
+        if utilization is not None:
+            self.stats.kv_utilization.append(utilization)
+        self._sample_and_advance(logits, completing)
+
+    def _fail_batch(self, batch, err: Exception) -> None:
+        """End every unfinished request of the batch (and samples forked in it) with the error."""
+        message = f"engine step failed: {type(err).__name__}: {err}"
+        keys = {item.request.key for item in batch.scheduled}
+        for request in list(self.requests.values()):
+            if (request.key in keys or request.request_id in keys) and not request.finished:
+                self._pending.append(self.outputs.fail(request, message))
 
     def _forward(self, batch) -> torch.Tensor:
         """The batch's logits. If the forward pass fails, each request is run alone, so
@@ -230,9 +259,9 @@ class LLMEngine:
         request.finish("error", error=f"forward pass failed: {type(err).__name__}: {err}")
         self.scheduler.finish(request)
 
-    def _sample_and_advance(self, logits: torch.Tensor, completing: list) -> list:
+    def _sample_and_advance(self, logits: torch.Tensor, completing: list) -> None:
         if not completing:
-            return []
+            return
         completing = [entry for row, request in completing for entry in self._with_samples(row, request)]
         rows = [row for row, _ in completing]
         requests = [request for _, request in completing]
@@ -243,11 +272,16 @@ class LLMEngine:
         try:
             sampled = self.sampler(sampling_logits, [r.sampling for r in requests])
         except Exception:  # noqa: BLE001 - sample one by one to find the failing request
-            outputs = [self._advance_alone(logits[row], request) for row, request in completing]
-        else:
-            outputs = [self._advance(request, token, logprobs)
-                       for request, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs)]
-        return [output for output in outputs if output is not None]
+            for row, request in completing:
+                self._report(self._advance_alone(logits[row], request))
+            return
+        for request, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs):
+            self.stats.generation_tokens += 1
+            self._report(self.outputs.advance(request, token, logprobs))
+
+    def _report(self, output: Optional[RequestOutput]) -> None:
+        if output is not None:
+            self._pending.append(output)
 
     def _with_samples(self, row: int, request: Request) -> list:
         """(row, request), then, the first time its prompt's logits come, (row, sample) for each
@@ -255,115 +289,36 @@ class LLMEngine:
         and draw their first token from the same logits, each with its own generator."""
         entries = [(row, request)]
         if request.pending_forks and not request.output_token_ids:
-            self._num_samples[request.request_id] = request.pending_forks + 1
             entries += [(row, self._fork(request, index)) for index in range(1, request.pending_forks + 1)]
             request.pending_forks = 0
         return entries
 
     def _fork(self, parent: Request, index: int) -> Request:
-        params, child_id = parent.params, sample_id(parent.request_id, index)
+        params = parent.params
         sampling = SamplingState.create(params, parent.prompt_token_ids, self.tokenizer.eos_token_ids)
         if params.seed is not None:  # sample i draws from seed + i (wrapped into the 64-bit range)
             sampling.generator = torch.Generator().manual_seed((params.seed + index + 2**63) % 2**64 - 2**63)
-        child = Request(child_id, parent.prompt, list(parent.prompt_token_ids), params, sampling,
-                        self.new_detokenizer(parent.prompt_token_ids, params, parent.final_output_only),
+        child = Request(parent.request_id, parent.prompt, list(parent.prompt_token_ids), params, sampling,
+                        self.intake.new_detokenizer(parent.prompt_token_ids, params, parent.final_output_only),
                         parent.max_tokens, output_token_ids=sampling.output_token_ids,
                         final_output_only=parent.final_output_only, num_computed=parent.num_computed,
-                        status=RequestStatus.RUNNING)
-        self.kv.fork(parent.request_id, child_id)
-        self.requests[child_id] = child
-        self.scheduler.running.append(child)
+                        status=RequestStatus.RUNNING, index=index)
+        self.scheduler.fork(parent, child)
+        self.requests[child.key] = child
         return child
 
     def _advance_alone(self, logits_row: torch.Tensor, request: Request) -> Optional[RequestOutput]:
         try:
             sampled = self.sampler(logits_row[None], [request.sampling])
         except Exception as err:  # noqa: BLE001 - the request ends with the message
-            return self._fail(request, f"sampling failed: {err!r}")
-        return self._advance(request, sampled.token_ids[0], sampled.logprobs[0])
-
-    def _advance(self, request: Request, token: int, logprobs) -> Optional[RequestOutput]:
-        """Append a sampled token, then finish the request if a stop condition holds. The
-        output, or None for a running request that reports only its end."""
-        try:
-            request.append_token(token, logprobs)
-            stop_string = request.detokenizer.add_token(token)
-            self._check_stop(request, token, stop_string)
-            piece = "" if request.final_output_only else request.detokenizer.stream_piece()
-        except Exception as err:  # noqa: BLE001 - the request ends with the message
-            return self._fail(request, f"{type(err).__name__}: {err}")
-        if request.finished:
-            self.scheduler.finish(request)
-            return self._retire(request, piece + request.detokenizer.flush())
-        return None if request.final_output_only else request.output(piece)
-
-    def _check_stop(self, request: Request, token: int, stop_string: Optional[str]) -> None:
-        params = request.params
-        if token in params.stop_token_ids:
-            request.finish("stop", stop_reason=token)
-        elif not params.ignore_eos and token in self.tokenizer.eos_token_ids:
-            request.finish("stop")
-        elif stop_string is not None:
-            request.finish("stop", stop_reason=stop_string)
-            self._trim_to_text(request)
-        elif len(request.output_token_ids) >= request.max_tokens or request.num_tokens >= self.max_model_len:
-            request.finish("length")
-
-    def _trim_to_text(self, request: Request) -> None:
-        """After a stop string, keep only the tokens whose text precedes its cut, and roll
-        the KV cache back to them, so token_ids, text and the cached prefix agree."""
-        cut = len(request.detokenizer.text)
-        keep = len(request.output_token_ids)
-        skip = request.params.skip_special_tokens
-        while keep > 0 and len(self.tokenizer.decode(request.output_token_ids[:keep], skip_special_tokens=skip)) > cut:
-            keep -= 1
-        self.truncate(request, len(request.prompt_token_ids) + keep)
+            return self.outputs.fail(request, f"sampling failed: {err!r}")
+        self.stats.generation_tokens += 1
+        return self.outputs.advance(request, sampled.token_ids[0], sampled.logprobs[0])
 
     def truncate(self, request: Request, num_tokens: int) -> None:
-        """Roll a request back to its first `num_tokens` tokens (prompt included): output
-        tokens, logprobs and cached K/V past that point are dropped."""
-        keep = num_tokens - len(request.prompt_token_ids)
-        if keep < 0:
-            raise ValueError(f"cannot truncate into the prompt ({len(request.prompt_token_ids)} tokens)")
-        request.truncate_output(keep)
-        request.num_computed = min(request.num_computed, num_tokens)
-        if self.kv.has(request.request_id):
-            self.kv.truncate(request.request_id, request.num_computed)
-        if not request.finished:  # it goes on: its text restarts from the kept tokens
-            request.detokenizer = self.new_detokenizer(request.prompt_token_ids, request.params,
-                                                       request.final_output_only)
-            for token in request.output_token_ids:
-                request.detokenizer.add_token(token)
-
-    def _fail(self, request: Request, message: str) -> RequestOutput:
-        request.finish("error", error=message)
-        self.scheduler.finish(request)
-        return self._retire(request, "")
-
-    def _retire(self, request: Request, piece: str) -> RequestOutput:
-        self.requests.pop(request.request_id, None)
-        return request.output(piece)
-
-    def _record_utilization(self) -> None:
-        held = self.kv.num_used_blocks * self.kv.block_size
-        stored = sum(r.num_computed for r in self.scheduler.running)
-        if held:
-            self.stats.kv_utilization.append(min(stored / held, 1.0))
-
-
-def compile_lm(loaded, target: Union[str, Target], block_size: int, dtype: torch.dtype, cache_dir: Optional[str],
-               donate_weights: bool = False):
-    """The model compiled for `target` in the LM contract, with symbolic batch sizes.
-    `donate_weights`: the compiled layouts may reuse (and scramble) the module's weights."""
-    from ..api import compile
-    from ..models.contract import capture_example
-
-    target = get_target(target)
-    example, dynamic = capture_example(loaded.config, block_size=block_size, dtype=dtype)
-    model = loaded.model.to(target.device)
-    example = tuple(t.to(target.device) for t in example)
-    return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir,
-                   donate_weights=donate_weights)
+        """Roll a request back to its first `num_tokens` tokens (prompt included)."""
+        with self._lock:
+            self.outputs.truncate(request, num_tokens)
 
 
 def release_module_weights(model: torch.nn.Module) -> None:
@@ -379,11 +334,6 @@ def release_module_weights(model: torch.nn.Module) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the memory is reused, just not returned
         pass
-
-
-def sample_id(request_id: str, index: int) -> str:
-    """The request id of sample `index` (1 .. n-1) forked from a request with n > 1."""
-    return f"{request_id}#{index}"
 
 
 def _check_max_model_len(max_model_len: Optional[int], config) -> int:

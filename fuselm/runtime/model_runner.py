@@ -84,8 +84,8 @@ class HostBatch:
             request, start, end = item.request, item.start, item.start + item.num_new
             self.input_ids += request.all_token_ids[start:end]
             self.positions += range(start, end)
-            self.slots += kv.slots(request.request_id, start, end)
-            self.tables.append(kv.block_table(request.request_id))
+            self.slots += kv.slots(request.key, start, end)
+            self.tables.append(kv.block_table(request.key))
             self.context_lens.append(end)
             self.cu_seqlens.append(self.cu_seqlens[-1] + item.num_new)
         self.is_decode = len(self.input_ids) == len(scheduled)  # one new token per request

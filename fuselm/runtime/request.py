@@ -45,6 +45,7 @@ class RequestOutput:
     new_text: str = ""
     error: Optional[str] = None
     samples: list = field(default_factory=list)  # n > 1 (from `generate`): every sample's output, this one first
+    index: int = 0  # which of the request's params.n samples this is
 
     @property
     def finished(self) -> bool:
@@ -70,6 +71,7 @@ class Request:
     num_preemptions: int = 0
     final_output_only: bool = False  # no per-step outputs: `generate` wants the end alone
     pending_forks: int = 0  # samples (params.n - 1) to fork from it when its first token is sampled
+    index: int = 0  # sample index: 0 for the request itself, 1 .. n-1 for the samples forked from it
     _all_token_ids: list = field(init=False, repr=False)  # prompt + output, kept in step
 
     def __post_init__(self):
@@ -79,6 +81,12 @@ class Request:
     def all_token_ids(self) -> list:
         """Prompt and output token ids (read only: the request keeps it up to date)."""
         return self._all_token_ids
+
+    @property
+    def key(self):
+        """The engine's and KV cache's key: the request id, or (request id, index) for a
+        forked sample, so a sample can never collide with a user's request id."""
+        return self.request_id if self.index == 0 else (self.request_id, self.index)
 
     @property
     def num_tokens(self) -> int:
@@ -116,4 +124,5 @@ class Request:
             logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
             new_text=new_text,
             error=self.error,
+            index=self.index,
         )

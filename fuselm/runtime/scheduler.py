@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .kv_cache import KVCacheManager
 from .request import Request, RequestStatus
@@ -82,6 +83,9 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed, budget)
+            if num_new < 1:  # a step was interrupted between its forward pass and sampling:
+                self.roll_back(request, request.num_tokens - 1)  # recompute the last token
+                num_new = 1
             if not self._allocate_or_preempt(request, num_new, out):
                 break  # the request preempted itself: it was the newest
             out.scheduled.append(ScheduledRequest(request, request.num_computed, num_new))
@@ -91,7 +95,7 @@ class Scheduler:
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         while True:
-            copies = self.kv.allocate(request.request_id, request.num_computed, num_new)
+            copies = self.kv.allocate(request.key, request.num_computed, num_new)
             if copies is not None:
                 out.block_copies.extend(copies)
                 return True
@@ -102,7 +106,7 @@ class Scheduler:
                 return False
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request.request_id)
+        self.kv.free(request.key)
         request.num_computed = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
@@ -111,13 +115,13 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if request.num_computed == 0 and not self.kv.has(request.request_id):
-                request.num_computed = self.kv.match_prefix(request.request_id, request.all_token_ids)
+            if request.num_computed == 0 and not self.kv.has(request.key):
+                request.num_computed = self.kv.match_prefix(request.key, request.all_token_ids)
             num_new = min(request.num_tokens - request.num_computed, budget)
-            copies = self.kv.allocate(request.request_id, request.num_computed, num_new)
+            copies = self.kv.allocate(request.key, request.num_computed, num_new)
             if copies is None:
-                if self.kv.has(request.request_id):
-                    self.kv.free(request.request_id)  # give back the prefix blocks it took
+                if self.kv.has(request.key):
+                    self.kv.free(request.key)  # give back the prefix blocks it took
                 request.num_computed = 0
                 break
             out.block_copies.extend(copies)
@@ -127,11 +131,32 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, request.num_computed, num_new))
             budget -= num_new
 
+    def roll_back(self, request: Request, num_tokens: int) -> None:
+        """Keep only the first `num_tokens` of the request's computed positions (and blocks)."""
+        request.num_computed = min(request.num_computed, num_tokens)
+        if self.kv.has(request.key):
+            self.kv.truncate(request.key, request.num_computed)
+
+    def mark_computed(self, request: Request, num_computed: int) -> None:
+        request.num_computed = num_computed
+        self.kv.mark_computed(request.key, request.all_token_ids, num_computed)
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Run `child` from now on, sharing the parent's blocks (copied on write)."""
+        self.kv.fork(parent.key, child.key)
+        self.running.append(child)
+
+    def kv_utilization(self) -> Optional[float]:
+        """Tokens stored over slots held, or None while nothing is held."""
+        held = self.kv.num_used_blocks * self.kv.block_size
+        stored = sum(r.num_computed for r in self.running)
+        return min(stored / held, 1.0) if held else None
+
     def finish(self, request: Request) -> None:
         """Drop a finished or aborted request from the queues and free its blocks."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        if self.kv.has(request.request_id):
-            self.kv.free(request.request_id)
+        if self.kv.has(request.key):
+            self.kv.free(request.key)
