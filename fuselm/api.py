@@ -32,9 +32,10 @@ from typing import Optional, Union
 
 import torch
 
-from .codegen.cache import KernelCache
+from .codegen.cache import MARKER as CACHE_MARKER
+from .codegen.cache import KernelCache, versions
 from .codegen.dump import write_kernel_dump
-from .codegen.kernel import Kernel
+from .codegen.kernel import Kernel, group_key
 from .errors import FallbackWarning, FuselmError, UnsupportedKernelError
 from .frontend import capture
 from .frontend.capture import AUTO
@@ -282,8 +283,13 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
     steps = partition(graph)
     groups = [step for step in steps if isinstance(step, KernelGroup)]
     fallbacks: Counter = Counter()
-    launches = [(group, _kernel(group, cache, options.strict, fallbacks))
-                for group in _progress(groups, f"fuselm: {target} kernels")]
+    generating = _first_of_each_uncached_kernel(groups, cache)
+    launches = []
+    with _progress(len(generating), f"fuselm: generating {target} kernels") as bar:
+        for group in groups:
+            launches.append((group, _kernel(group, cache, options.strict, fallbacks)))
+            if id(group) in generating:
+                bar.update()
     if options.dump_dir:
         write_kernel_dump(options.dump_dir, graph, launches)
     return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target, training)
@@ -327,8 +333,33 @@ def compile_lm(loaded, target: Union[str, Target], block_size: int, dtype: torch
                    donate_weights=donate_weights)
 
 
-def _progress(items: list, description: str):
-    """A progress bar on an interactive terminal (the CLI's first compile); silent otherwise."""
+def _first_of_each_uncached_kernel(groups: list, cache: KernelCache) -> set:
+    """ids of the groups whose kernel will be generated: of each distinct kernel the cache
+    holds neither in memory nor on disk, the first group that needs it (identical layers
+    after it reuse that kernel, and torch-only groups generate nothing)."""
+    seen, first = set(), set()
+    for group in groups:
+        if _torch_only(group.graph):
+            continue
+        key = group_key(group.graph, cache.target.name, versions(cache.target.backend, cache.target.compiler))
+        if key not in seen and not _cached(cache, key):
+            first.add(id(group))
+        seen.add(key)
+    return first
+
+
+def _cached(cache: KernelCache, key: str) -> bool:
+    """What KernelCache.kernel finds without generating: the kernel in memory, or an entry
+    on disk with its marker (a corrupt entry is rebuilt uncounted: the bar ends short)."""
+    return key in cache.memory or (cache.root / cache.target.name / key / CACHE_MARKER).exists()
+
+
+def _progress(kernels: int, description: str):
+    """A bar over the kernels to generate, on an interactive terminal (the CLI's first
+    compile); none when every kernel is cached or stderr is not a terminal. The ETA uses
+    the average rate (smoothing=0): build times differ between kernels, and tqdm's moving
+    average would swing it."""
     from tqdm import tqdm
 
-    return tqdm(items, desc=description, unit="kernel", leave=False, disable=None)
+    return tqdm(total=kernels, desc=description, unit="kernel", leave=False, smoothing=0,
+                disable=None if kernels else True)

@@ -1,13 +1,36 @@
-"""The `fuselm` command line: `generate`, `chat`, `models` and `ir`.
+"""The `fuselm` command line: `generate`, `chat`, `serve`, `models`, `ir` and `inspect`.
 
     fuselm generate "What is the capital of France?"     # SmolLM2 on the best target
     fuselm chat --model PATH --target cpu                # an interactive conversation
+    fuselm serve --port 8000                             # an OpenAI-compatible server
+    fuselm inspect DUMP_DIR [--kernel NAME | --graph g.svg | --profile]  # the kernels
+
+generate and chat wrap the prompt in the model's chat template and decode greedily, up
+to 256 tokens: what a question typed at a terminal wants. The Python API keeps vLLM's
+defaults instead (`LLM.generate` takes the prompt as given; SamplingParams() samples at
+temperature 1.0, up to 16 tokens).
+
+A mistake (a bad value, a target this machine cannot run, a missing or broken model) is
+one line `fuselm: error: ...` and exit status 2; Ctrl-C exits with status 130.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+from .errors import FuselmError
+
+
+class UsageError(Exception):
+    """A command line argparse refused (an unknown option, a value out of range)."""
+
+
+# What a user's input can raise: reported as one line, not as a traceback.
+USER_ERRORS = (UsageError, FuselmError, ValueError, TypeError, FileNotFoundError)
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+SERVE_EXTRA = ("fastapi", "uvicorn", "starlette", "pydantic")  # what `fuselm serve` imports beyond fuselm
 
 
 def cmd_models(args) -> int:
@@ -50,11 +73,15 @@ def cmd_ir(args) -> int:
     return 0
 
 
+def announce_loading(model: str) -> None:
+    print(f"fuselm: loading {model} and compiling it (kernels are cached after the first run)",
+          file=sys.stderr, flush=True)
+
+
 def make_llm(args):
+    announce_loading(args.model)
     from .llm import LLM
 
-    print(f"fuselm: loading {args.model} and compiling it (kernels are cached after the first run)",
-          file=sys.stderr)
     return LLM(args.model, target=args.target, max_model_len=args.max_model_len, max_num_seqs=1)
 
 
@@ -94,7 +121,7 @@ def cmd_chat(args) -> int:
     params = sampling_params(args)
     llm = make_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("fuselm: chat with the model; an empty line or Ctrl-D ends it", file=sys.stderr)
+    print("fuselm: chat with the model; an empty line or Ctrl-D ends it", file=sys.stderr, flush=True)
     while True:
         try:
             line = input("> ").strip()
@@ -107,49 +134,139 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="a named model or a local path (default smollm2-135m)")
+def cmd_serve(args) -> int:
+    try:
+        from .serve import run  # FastAPI and uvicorn: the `serve` extra, imported only here
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in SERVE_EXTRA:
+            raise
+        raise FuselmError(f"fuselm serve needs {error.name}, which is not installed: "
+                          "pip install 'fuselm[serve]' (in a checkout: pip install -e '.[serve]')") from None
+    announce_loading(args.model)
+    run(model=args.model, target=args.target, host=args.host, port=args.port,
+        served_model_name=args.served_model_name or args.model, api_key=args.api_key,
+        max_waiting=args.max_waiting, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
+    return 0
+
+
+def refuse_unavailable_target(args) -> None:
+    """A --target this machine cannot run fails now, not after the model has loaded."""
+    if getattr(args, "target", None):
+        from .target import get_target
+
+        get_target(args.target).check_available(spelling="--target {}")
+
+
+def int_in_range(minimum: int, maximum: int | None = None):
+    """An argparse type for a whole number in [minimum, maximum], refused before anything loads."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in --help, and descriptions printed with their own line breaks."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are reported as fuselm's other errors are: one line."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="a named model (see `fuselm models`) or a local path")
     parser.add_argument("--target", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where the kernels run (auto: cuda when a GPU is visible)")
+    parser.add_argument("--max-model-len", type=int_in_range(1), default=2048,
+                        help="context length in tokens (prompt + reply)")
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
     parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per reply")
-    parser.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + reply)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens "
+                        "whose probabilities add up to this")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    parser.add_argument("--seed", type=int, default=None, help="a seed for reproducible sampling")
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int_in_range(1, 65535), default=8000, help="the TCP port to listen on")
+    parser.add_argument("--served-model-name", metavar="NAME",
+                        help="the model name clients send and /v1/models lists; unset: the --model value")
+    parser.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on every /v1 request")
+    parser.add_argument("--max-waiting", type=int_in_range(1), default=256,
+                        help="requests that may wait for the engine; more are refused with status 503")
+    parser.add_argument("--max-num-seqs", type=int_in_range(1), default=16, help="sequences batched in one step")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fuselm", description=__doc__)
+    parser = Parser(prog="fuselm", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    generate = sub.add_parser("generate", help="answer one prompt, streaming the tokens")
-    generate.add_argument("prompt")
+
+    def command(name: str, run, summary: str) -> argparse.ArgumentParser:
+        subparser = sub.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
+        subparser.set_defaults(run=run)
+        return subparser
+
+    generate = command("generate", cmd_generate, "answer one prompt, streaming the tokens")
+    generate.add_argument("prompt", help="the question or text to continue")
     generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     add_generation_options(generate)
-    generate.set_defaults(run=cmd_generate)
-    chat = sub.add_parser("chat", help="an interactive conversation through the chat template")
+    chat = command("chat", cmd_chat, "an interactive conversation through the chat template")
     chat.add_argument("--system", help="a system message")
     add_generation_options(chat)
-    chat.set_defaults(run=cmd_chat)
-    models = sub.add_parser("models", help="list the named models, or fetch one")
+    serve = command("serve", cmd_serve, "an OpenAI-compatible HTTP server (needs `pip install 'fuselm[serve]'`)")
+    add_serve_options(serve)
+    models = command("models", cmd_models, "list the named models, or fetch one")
     models.add_argument("--fetch", metavar="NAME", help="download a named model into the cache")
-    models.set_defaults(run=cmd_models)
-    ir = sub.add_parser("ir", help="capture a named or local model and print its IR")
+    ir = command("ir", cmd_ir, "capture a named or local model and print its IR")
     ir.add_argument("model", help="a named model (see `fuselm models`) or a local path")
     ir.add_argument("--dump-dir", help="write the IR after every pass (and, with --target, the kernels) here")
     ir.add_argument("--target", choices=["cpu", "cuda"], help="also generate the kernels for this target")
     ir.add_argument("--no-passes", action="store_true", help="print the graph as captured")
-    ir.set_defaults(run=cmd_ir)
+    inspect = command("inspect", cmd_inspect, "list, print, draw or profile the kernels of a dump directory")
+    from . import inspect as inspect_command
+
+    inspect_command.add_arguments(inspect)
     return parser
 
 
+def cmd_inspect(args) -> int:
+    from . import inspect as inspect_command
+
+    return inspect_command.run(args)
+
+
+def one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+        refuse_unavailable_target(args)
         return args.run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fuselm: error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        print(f"fuselm: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nfuselm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

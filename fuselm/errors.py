@@ -22,3 +22,12 @@ class UnsupportedKernelError(FuselmError, NotImplementedError):
 class FallbackWarning(UserWarning):
     """A model compiled with fallbacks: ATen ops without an IR mapping (or a group no
     kernel of the target can compute) run through torch instead of generated kernels."""
+
+
+class IntegrityError(FuselmError):
+    """Files on disk do not match the manifest written with them (`fuselm.integrity`):
+    a file missing, changed or unexpected, other versions, or no valid manifest."""
+
+
+class KernelCacheWarning(UserWarning):
+    """A kernel cache entry on disk was corrupt or could not be loaded: it was rebuilt."""

@@ -43,11 +43,14 @@ class Target:
         Triton's interpreter when no GPU is visible)."""
         return torch.device("cuda" if self.name == "cuda" and torch.cuda.is_available() else "cpu")
 
-    def check_available(self) -> None:
-        """Raise a FuselmError naming the problem if this machine cannot run the target."""
+    def check_available(self, spelling: str = "target={!r}") -> None:
+        """Raise a FuselmError naming the problem if this machine cannot run the target.
+        `spelling` writes a target name as the caller's user types it: the Python API's
+        `target='cpu'` by default, `--target {}` on the command line."""
         if self.name == "cuda" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            raise FuselmError("target 'cuda' needs a CUDA GPU (none is visible); use target 'cpu', "
-                              "or set TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter")
+            raise FuselmError(f"{spelling.format('cuda')} needs a CUDA GPU (none is visible); use "
+                              f"{spelling.format('cpu')}, or set TRITON_INTERPRET=1 to run the Triton kernels "
+                              "in Triton's interpreter")
 
     def passes(self, donate_weights: bool = False) -> list:
         """The pass pipeline for this target: the generic passes, then its own."""

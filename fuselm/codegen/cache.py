@@ -10,26 +10,48 @@ The target is a `fuselm.target.Target` (its `name`, `backend` package and `compi
 distribution are what the cache reads). A backend is a module with `emit(group, directory) -> Kernel`, which generates and
 builds a kernel and writes whatever it needs to reload it into `directory`, and
 `load(group, directory) -> Kernel`, which reloads it without generating anything.
-An entry is used only once its `kernel.json` marker is written, after everything else.
+
+An entry is the directory `<root>/<target>/<key>`: what `emit` wrote, the group's IR
+(`group.ir`) and the marker `kernel.json`, a `fuselm.integrity` manifest (the sha256 of
+every file and the versions that built them, plus the kernel's name and ops). The disk
+is not trusted: a hit is verified against its marker before the backend loads it (a
+truncated .so is a SIGBUS when loaded; another kernel's .so loads and computes something
+else), and an entry that fails the check, or that the backend cannot load, is rebuilt
+with a `KernelCacheWarning`. Verifying hashes the entry's files again: 1-2 ms for a
+cpu entry (~350 KB, mostly its .ll and .s), ~20 ms for the 14 kernels of a 2-layer Llama.
+
+Processes may share a cache directory. A kernel is generated into a staging directory
+of its own (removed whatever happens) and renamed into place in one step, so an entry is
+complete or absent. A process that loses the race to install an entry uses the winner's
+if it verifies and loads, and else replaces it. An entry is renamed away before it is
+deleted, so no process loads from a directory while it is being deleted.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import importlib.util
-import json
 import os
 import shutil
+import uuid
+import warnings
 from collections import Counter
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from ..errors import FuselmError, KernelCacheWarning
+from ..integrity import verify_manifest, write_manifest
 from ..ir.graph import Graph
 from .kernel import Kernel, group_key
 
-# "codegen_runs": kernels generated; "disk_hits": reloaded from disk; "memory_hits": reused.
+MARKER = "kernel.json"  # the entry's manifest, written last
+INSTALL_ATTEMPTS = 4  # renames lost to other processes' entries that would not load, at most
+
+# "codegen_runs": kernels generated; "disk_hits": reloaded from disk; "memory_hits": reused;
+# "rebuilt": entries on disk found corrupt (or not loadable), moved away and generated again.
 stats: Counter = Counter()
 
 
@@ -39,13 +61,14 @@ def default_cache_dir() -> Path:
 
 @lru_cache(maxsize=None)
 def versions(backend: str, compiler: str) -> tuple:
+    """("fuselm=0.1.0", "torch=...", "<compiler>=...", "emitters=<digest>"): part of every key."""
     def version(dist: str) -> str:
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
             return "none"
 
-    return tuple(f"{d}={version(d)}" for d in ("fuselm", "torch", compiler)) + (emitter_digest(backend),)
+    return tuple(f"{d}={version(d)}" for d in ("fuselm", "torch", compiler)) + (f"emitters={emitter_digest(backend)}",)
 
 
 def emitter_digest(backend: str) -> str:
@@ -64,29 +87,112 @@ class KernelCache:
         self.root = Path(root) if root is not None else default_cache_dir()
         self.memory: dict = {}
 
+    @property
+    def versions(self) -> tuple:
+        return versions(self.target.backend, self.target.compiler)
+
+    @property
+    def manifest_versions(self) -> dict:
+        """The versions as entries' markers record them: {"torch": "2.13.0", ...}."""
+        return dict(v.split("=", 1) for v in self.versions)
+
     def kernel(self, group: Graph) -> Kernel:
-        key = group_key(group, self.target.name, versions(self.target.backend, self.target.compiler))
+        key = group_key(group, self.target.name, self.versions)
         if key in self.memory:
             stats["memory_hits"] += 1
             return self.memory[key]
         entry = self.root / self.target.name / key
-        if (entry / "kernel.json").exists():
-            kernel = self.backend.load(group, entry)
-            stats["disk_hits"] += 1
-        else:
+        kernel = self._reload(group, entry) if entry.exists() else None
+        if kernel is None:
             kernel = self._generate(group, entry)
         self.memory[key] = kernel
         return kernel
 
-    def _generate(self, group: Graph, entry: Path) -> Kernel:
-        staging = entry.with_name(entry.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        kernel = self.backend.emit(group, staging)
-        (staging / "group.ir").write_text(str(group))
-        (staging / "kernel.json").write_text(json.dumps({"name": kernel.name, "ops": list(kernel.ops)}))
-        shutil.rmtree(entry, ignore_errors=True)
-        os.replace(staging, entry)
-        stats["codegen_runs"] += 1
-        # reload from the final place, so source paths point into the cache entry
+    def _reload(self, group: Graph, entry: Path) -> Optional[Kernel]:
+        """The kernel of an entry on disk; None once an entry that fails is moved away."""
+        try:
+            kernel = self._load_verified(group, entry)
+        except Exception as error:  # whatever a bad entry makes the backend raise: rebuild it
+            _delete(self._discard(entry, error, "rebuilding it"))
+            return None
+        stats["disk_hits"] += 1
+        return kernel
+
+    def _load_verified(self, group: Graph, entry: Path) -> Kernel:
+        """The entry's kernel, loaded only once its files match its marker."""
+        verify_manifest(entry, MARKER, self.manifest_versions)
         return self.backend.load(group, entry)
+
+    def _discard(self, entry: Path, error: Exception, action: str) -> Optional[Path]:
+        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        warnings.warn(f"fuselm: kernel cache entry {entry} is corrupt ({reason}); {action}", KernelCacheWarning)
+        stats["rebuilt"] += 1
+        return _move_aside(entry)
+
+    def _generate(self, group: Graph, entry: Path) -> Kernel:
+        staging = _unique_sibling(entry, "tmp")
+        try:
+            staging.mkdir(parents=True)
+            kernel = self.backend.emit(group, staging)
+            (staging / "group.ir").write_text(str(group))
+            write_manifest(staging, MARKER, self.manifest_versions, {"name": kernel.name, "ops": list(kernel.ops)})
+            stats["codegen_runs"] += 1
+            return self._install(group, staging, entry)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # already gone once renamed into place
+
+    def _install(self, group: Graph, staging: Path, entry: Path) -> Kernel:
+        """Rename `staging` into place as `entry` and load it from there (so source paths
+        point into the cache). If another process installed the entry first, use theirs
+        when it verifies and loads, else move theirs away and install ours."""
+        moved_away = []
+        try:
+            for _ in range(INSTALL_ATTEMPTS):
+                if _rename_unless_taken(staging, entry):
+                    return self.backend.load(group, entry)
+                try:
+                    return self._load_verified(group, entry)
+                except Exception as error:
+                    if entry.exists():  # else another process moved it away meanwhile
+                        moved_away.append(self._discard(entry, error, "replacing it"))
+            raise FuselmError(f"could not install kernel cache entry {entry}: other processes kept "
+                              f"installing entries that do not load there")
+        finally:
+            for path in moved_away:
+                _delete(path)
+
+
+def _unique_sibling(entry: Path, kind: str) -> Path:
+    """A name next to `entry` that no other process or thread will pick (same file system,
+    so a rename to or from it is atomic)."""
+    return entry.with_name(f"{entry.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _rename_unless_taken(source: Path, destination: Path) -> bool:
+    """Rename the directory `source` to `destination`; False if that is already there."""
+    try:
+        os.rename(source, destination)
+    except OSError as error:
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    return True
+
+
+def _move_aside(entry: Path) -> Optional[Path]:
+    """Rename `entry` to a trash name of its own; None if another process moved it first."""
+    trash = _unique_sibling(entry, "trash")
+    try:
+        os.rename(entry, trash)
+    except FileNotFoundError:
+        return None
+    return trash
+
+
+def _delete(path: Optional[Path]) -> None:
+    if path is None:
+        return
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -4,7 +4,9 @@ A directory holds `config.json` (read by `config_from_dict`: llama, gpt2 or bert
 weights as `model.safetensors` or as shards listed in `model.safetensors.index.json`, and
 usually `tokenizer.json` (read by `Tokenizer.from_file`; without it the tokenizer is None,
 as for a randomly initialised model saved with `save_pretrained`). Weights are never read
-from pickle files. A missing or corrupted file is an error that names the file.
+from pickle files. A missing or corrupted file is an error that names the file; a tensor
+with a wrong name or shape is found by `loading.build_model`, which names its file
+through `file_of_tensor`.
 """
 from __future__ import annotations
 
@@ -54,6 +56,16 @@ def weight_files(directory: Path) -> list[Path]:
         raise FileNotFoundError(f"missing weights in {directory}: expected {WEIGHTS_FILE} "
                                 f"or {WEIGHTS_INDEX_FILE}")
     return [single]
+
+
+def file_of_tensor(directory: Path, name: str) -> Path:
+    """The file of a directory that holds a tensor; for a tensor it lacks, where fuselm
+    looked for it (`model.safetensors`, or the shard index)."""
+    index = directory / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        shard = read_json(index).get("weight_map", {}).get(name)
+        return directory / shard if shard else index
+    return directory / WEIGHTS_FILE
 
 
 def read_safetensors_weights(directory: Path) -> dict[str, torch.Tensor]:

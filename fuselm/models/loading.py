@@ -39,7 +39,7 @@ def load(name_or_path: Union[str, Path], dtype: torch.dtype = torch.float32) -> 
     """Load a named model (see `hub.NAMED_MODELS`), a Hugging Face directory or a .gguf file."""
     source = resolve_source(name_or_path)
     config, state_dict, tokenizer = read_checkpoint(source)
-    model = build_model(config, state_dict, dtype)
+    model = build_model(config, state_dict, dtype, source)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=source)
 
 
@@ -73,12 +73,20 @@ def model_class(model_type: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
+def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
+                source: Optional[Path] = None) -> torch.nn.Module:
+    """The model of `config` holding the checkpoint's tensors; `source` (the directory or
+    file they came from) is what errors about a wrong tensor name."""
     cls = model_class(config.model_type)
     convert = importlib.import_module(cls.__module__).hf_to_fuselm_state_dict
     with torch.device("meta"):  # no memory for the random init the checkpoint overwrites
         model = cls(config)
-    converted = convert(state_dict)
+    checkpoint = CheckpointTensors(source, state_dict, model, config.model_type)
+    try:
+        converted = convert(state_dict)
+    except KeyError as error:  # a converter reads a tensor it cannot do without (the embedding)
+        raise ValueError(checkpoint.missing(error.args[0], [])) from None
+    checkpoint.check(converted)
     state_dict.clear()  # the checkpoint's tensors become the model's: held once
     weights, ready = {}, {}  # ready: a checkpoint tensor's storage -> its kernel-ready form (ties stay tied)
     for name in list(converted):
@@ -93,6 +101,62 @@ def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype)
         if buffer.is_meta:
             raise ValueError(f"{name} is not in the checkpoint and has no value")
     return model.eval().requires_grad_(False)
+
+
+class CheckpointTensors:
+    """Compares a converted checkpoint with the tensors the model declares, before any is
+    assigned, so a wrong name or shape is a ValueError naming the file, the tensor, and
+    what was expected against what was found (load_state_dict would raise a RuntimeError
+    naming no file, and a converter a bare KeyError)."""
+
+    def __init__(self, source: Optional[Path], state_dict: dict, model: torch.nn.Module, model_type: str):
+        self.source, self.model_type = source, model_type
+        # the model is on meta: its state dict is names and shapes, no memory
+        self.expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+        # converters rename; a tensor they pass through keeps its checkpoint name here
+        self.checkpoint_names = {id(t): name for name, t in state_dict.items()}
+
+    def check(self, converted: dict) -> None:
+        for name, shape in self.expected.items():
+            if name in converted and list(converted[name].shape) != shape:
+                raise ValueError(self.wrong_shape(name, converted[name]))
+        missing = [name for name in self.expected if name not in converted]
+        unused = [self.checkpoint_name(name, t) for name, t in converted.items() if name not in self.expected]
+        if missing:
+            raise ValueError(self.missing(missing[0], unused, more=len(missing) - 1))
+        if unused:
+            raise ValueError(f"{self.file_of(unused[0])}: tensor {unused[0]!r} is not part of a "
+                             f"{self.model_type} model{self.also(unused[1:], 'unused')}")
+
+    def wrong_shape(self, name: str, tensor: torch.Tensor) -> str:
+        checkpoint_name = self.checkpoint_name(name, tensor)
+        return (f"{self.file_of(checkpoint_name)}: tensor {checkpoint_name!r} has shape {list(tensor.shape)}, "
+                f"but the {self.model_type} model its config describes expects {self.expected[name]}")
+
+    def missing(self, name: str, unused: list, more: int = 0) -> str:
+        shape = f" of shape {self.expected[name]}" if name in self.expected else ""
+        message = f"{self.file_of(name)}: no tensor {name!r}{shape}, which a {self.model_type} model needs"
+        if more:
+            message += f" (and {more} more missing)"
+        if unused:
+            message += f"; it has {unused[0]!r}, which such a model does not use{self.also(unused[1:], 'unused')}"
+        return message
+
+    def checkpoint_name(self, name: str, tensor: torch.Tensor) -> str:
+        return self.checkpoint_names.get(id(tensor), name)
+
+    def file_of(self, checkpoint_name: str) -> str:
+        if self.source is None:
+            return "checkpoint"
+        if self.source.is_dir():
+            from .hf_loader import file_of_tensor
+
+            return str(file_of_tensor(self.source, checkpoint_name))
+        return str(self.source)  # a .gguf file holds every tensor
+
+    @staticmethod
+    def also(names: list, what: str) -> str:
+        return f" (and {len(names)} more {what})" if names else ""
 
 
 def retie_shared_parameters(model: torch.nn.Module) -> None:
