@@ -104,20 +104,18 @@ class LLM:
 
 class TextStream:
     """An iterator over one request's new text; `output` is its final RequestOutput once
-    the iteration ends. Closing it (or dropping it unread) aborts the request."""
+    the iteration ends. Closing it, or dropping it unread, aborts the request."""
 
     def __init__(self, stream: RequestStream):
         self.request_id = stream.request_id
-        self.output: Optional[RequestOutput] = None
+        self._final: list = []  # the final output, once read
         self._stream = stream
-        self._pieces = self._read()
+        self._pieces = _text_pieces(stream, self._final)  # holds no reference to self: dropping
+        # the TextStream frees it at once, and the generator's exit closes the stream
 
-    def _read(self) -> Iterator[str]:
-        for output in self._stream:
-            if output.new_text:
-                yield output.new_text
-            if output.finished and output.index == 0:
-                self.output = output
+    @property
+    def output(self) -> Optional[RequestOutput]:
+        return self._final[0] if self._final else None
 
     def __iter__(self) -> "TextStream":
         return self
@@ -128,6 +126,14 @@ class TextStream:
     def close(self) -> None:
         self._pieces.close()
         self._stream.close()
+
+
+def _text_pieces(stream: RequestStream, final: list) -> Iterator[str]:
+    for output in stream:
+        if output.new_text:
+            yield output.new_text
+        if output.finished and output.index == 0:
+            final.append(output)
 
 
 def _final_output(stream: RequestStream) -> RequestOutput:

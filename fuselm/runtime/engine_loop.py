@@ -13,9 +13,12 @@ first request, steps while any stream is unfinished, and sleeps otherwise.
 
 - Validation (tokenizing included) runs in the consumer's thread, so a bad request
   raises there and nothing of it is queued.
-- A stream that is closed, garbage-collected, interrupted (KeyboardInterrupt while its
-  consumer waits) or cancelled (an asyncio task) aborts its request, which frees its
-  KV blocks at the next step; the interrupt then reaches the consumer.
+- A stream that is closed, left (break, an exception), interrupted (KeyboardInterrupt
+  while its consumer waits) or cancelled (an asyncio task) aborts its request, which
+  frees its KV blocks at the next step; the interrupt then reaches the consumer. A
+  closed stream yields nothing more. The loop holds every stream it feeds, so one
+  obtained from `submit` and never read must be closed (`LLM.stream`'s text streams
+  close themselves when dropped).
 - Outputs of requests added to the engine core directly (`engine.add_request`, not
   through the loop) are not taken from their owner: when the loop goes idle it hands
   them back to the core, so the owner's next `engine.step()` returns them.
@@ -63,7 +66,7 @@ class RequestStream:
                 self._aio_loop.call_soon_threadsafe(self._queue.put_nowait, output)
             except RuntimeError:  # the consumer's event loop is closed: nobody reads this
                 self.closed = True
-                self._loop._abandoned.put(self.request_id)
+                self._loop._abandon(self)
         else:
             self._queue.put(output)
         return self._delivered_final >= self.num_samples
@@ -79,42 +82,40 @@ class RequestStream:
             self._unfinished.discard(output.index)
         return output
 
-    def get(self) -> RequestOutput:
-        """The next output, waiting for it (sync streams only)."""
-        while True:
+    def get(self) -> Optional[RequestOutput]:
+        """The next output, waiting for it (sync streams only); None once the stream is closed."""
+        while not self.closed:
             try:
                 return self._take(self._queue.get(timeout=POLL_SECONDS))
             except queue.Empty:
                 self._loop.check_alive()
+        return None
 
     def __iter__(self):
         try:
             while not self.finished:
-                yield self.get()
+                output = self.get()
+                if output is None:
+                    return
+                yield output
         finally:
             self.close()
 
     async def __aiter__(self):
         try:
-            while not self.finished:
+            while not self.finished and not self.closed:
                 yield self._take(await self._queue.get())
         finally:
             self.close()
 
     def close(self) -> None:
-        """Stop reading: abort the request if it has not finished (frees its KV blocks)."""
+        """Stop reading: the request is aborted if unfinished (its KV blocks are freed at
+        the next step). Never blocks: the loop thread does the abort, so an event loop
+        closing a stream does not wait for a step to end."""
         if not self.closed:
             self.closed = True
             if not self.finished:
-                self._loop.abort(self.request_id)
-
-    def __del__(self):
-        # Garbage collection can run anywhere, even inside a step holding the engine's
-        # lock: take no lock here, hand the abort to the loop thread.
-        if not self.closed and not self.finished:
-            self.closed = True
-            self._loop._abandoned.put(self.request_id)
-            self._loop._wake.set()
+                self._loop._abandon(self)
 
 
 class EngineLoop:
@@ -122,7 +123,7 @@ class EngineLoop:
         self.engine = engine
         self._streams: dict = {}  # request id -> RequestStream, for requests submitted here
         self._foreign: list = []  # outputs of requests added to the core directly
-        self._abandoned: queue.SimpleQueue = queue.SimpleQueue()  # ids of streams dropped unread
+        self._abandoned: queue.SimpleQueue = queue.SimpleQueue()  # streams closed before their end
         self._lock = threading.RLock()  # taken before the engine's lock, never after it
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -165,6 +166,12 @@ class EngineLoop:
             self.engine.abort(request_id)
         self._wake.set()
 
+    def _abandon(self, stream: RequestStream) -> None:
+        """Abort a closed stream's request from the loop thread, soon (takes no lock, so an
+        event loop closing a stream never waits for a step to end)."""
+        self._abandoned.put(stream)
+        self._wake.set()
+
     def num_waiting(self) -> int:
         return self.engine.num_waiting()
 
@@ -195,7 +202,9 @@ class EngineLoop:
             while not self._stopping:
                 self._wake.clear()
                 while not self._abandoned.empty():
-                    self.abort(self._abandoned.get())
+                    stream = self._abandoned.get()
+                    if self._streams.get(stream.request_id) is stream:  # not a new request of that id
+                        self.abort(stream.request_id)
                 if not self._has_work():
                     self._hand_back_foreign()
                     self._wake.wait()
