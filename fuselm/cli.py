@@ -88,6 +88,9 @@ def make_llm(args):
 def sampling_params(args):
     from .sampling_params import SamplingParams
 
+    if args.max_tokens >= args.max_model_len:
+        raise ValueError(f"--max-tokens {args.max_tokens} leaves no room for the prompt in "
+                         f"--max-model-len {args.max_model_len}")
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                           max_tokens=args.max_tokens)
 

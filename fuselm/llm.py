@@ -97,8 +97,14 @@ class LLM:
         return self.generate([self.chat_prompt(messages)], sampling_params)[0]
 
     def chat_prompt(self, messages: Sequence[dict]) -> list:
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError(f"messages must be a list of {{'role': str, 'content': str}} dicts, "
+                            f"got {type(messages).__name__}")
         if not messages:
             raise ValueError("messages is empty")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+                raise TypeError(f"messages[{index}] must be a dict with str 'role' and 'content', got {message!r:.80}")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
 
@@ -148,7 +154,7 @@ def _final_output(stream: RequestStream) -> RequestOutput:
 def _is_single_prompt(prompts) -> bool:
     """A str, a dict, or a non-empty list of ints (token ids); a list of prompts otherwise."""
     return isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and bool(prompts)
-                                                and all(isinstance(t, int) for t in prompts))
+                                                and not isinstance(prompts[0], (str, dict, list, tuple)))
 
 
 def _params_per_prompt(sampling_params, count: int) -> list:

@@ -89,6 +89,7 @@ def test_cuda_without_a_gpu_is_refused_before_loading(argv, capsys, monkeypatch,
     (["--max-tokens", "0"], "max_tokens must be None or >= 1, got 0"),
     (["--max-model-len", "0"], "argument --max-model-len: must be >= 1, got 0"),
     (["--top-k", "many"], "argument --top-k: invalid int value: 'many'"),
+    (["--max-tokens", "300", "--max-model-len", "256"], "--max-tokens 300 leaves no room for the prompt"),
 ])
 def test_bad_values_are_one_line_errors_before_loading(option, message, capsys, no_model_load):
     status, _, err = run_main(["generate", "hi", "--model", "/no/such/model", *option], capsys)
@@ -228,3 +229,11 @@ def test_generate_answers_the_readme_question(capsys, smollm2):
 def test_generate_rejects_a_bad_sampling_value(capsys):
     assert main(["generate", "hi", "--top-p", "1.5"]) == 2
     assert "top_p must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_a_config_that_is_not_a_json_object_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    status, _, err = run_main(["generate", "hi", "--target", "cpu", "--model", str(tmp_path)], capsys)
+    last = err.strip().splitlines()[-1]  # after the "loading" line
+    assert status == 2 and last.startswith("fuselm: error: ") and "must hold a JSON object, got a list" in last
+    assert "Traceback" not in err

@@ -336,3 +336,47 @@ def test_interrupted_step_and_colliding_ids_on_a_compiled_model(tmp_path):
     script = INTERRUPTED_SAMPLING.format(tests=os.path.dirname(__file__))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-3000:])
+
+
+@pytest.mark.timeout(120)
+def test_closing_the_llm_under_a_waiting_generate_raises_a_clear_error(llm, script):
+    """A generate waiting when another thread closed the LLM once hung (later: KeyError)."""
+    from fuselm.runtime.engine_loop import EngineLoopError
+
+    llm.engine.runner.forward.delay = 0.01
+    errors = []
+
+    def consumer():
+        try:
+            llm.generate(script[:4], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        except Exception as err:  # noqa: BLE001 - checked below
+            errors.append(err)
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    time.sleep(0.2)
+    llm.close()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], EngineLoopError) and "shut down" in str(errors[0])
+    llm.engine.runner.forward.delay = 0.0
+    assert llm.generate(script[:5], GREEDY)[0].token_ids == expected(script, 5)  # it serves again
+    assert llm.engine.kv.num_used_blocks == 0
+
+
+def test_numpy_token_ids_are_one_prompt(llm, script):
+    import numpy as np
+
+    (output,) = llm.generate([np.int64(t) for t in script[:6]], GREEDY)
+    assert output.token_ids == expected(script, 6)
+
+
+@pytest.mark.parametrize("messages, message", [
+    ("hello", "messages must be a list"),
+    (["hello"], r"messages\[0\] must be a dict"),
+    ([{"role": "user"}], r"messages\[0\] must be a dict with str 'role' and 'content'"),
+    ([{"role": "user", "content": 5}], r"messages\[0\]"),
+])
+def test_malformed_chat_messages_are_named(llm, messages, message):
+    with pytest.raises(TypeError, match=message):
+        llm.chat(messages, GREEDY)

@@ -330,3 +330,15 @@ def test_other_versions_are_named_as_built_and_running(signed):
 def test_extra_keys_cannot_overwrite_the_formats_own(tmp_path):
     with pytest.raises(ValueError, match="files"):
         write_manifest(tmp_path, "manifest.json", VERSIONS, {"files": {}})
+
+
+@pytest.mark.parametrize("where", ["root", "target"])
+def test_a_cache_dir_that_is_a_file_is_named(tmp_path, where):
+    root = tmp_path / "cache"
+    if where == "root":
+        root.write_text("not a directory")
+    else:
+        root.mkdir()
+        (root / "cpu").write_text("not a directory")
+    with pytest.raises(fuselm.FuselmError, match="kernel cache directory .* is not a directory"):
+        compile_and_check(root)

@@ -85,6 +85,9 @@ class KernelCache:
         self.target = target
         self.backend = importlib.import_module(target.backend)
         self.root = Path(root) if root is not None else default_cache_dir()
+        for directory in (self.root, self.root / target.name):
+            if directory.exists() and not directory.is_dir():
+                raise FuselmError(f"kernel cache directory {directory} is not a directory")
         self.memory: dict = {}
 
     @property

@@ -87,6 +87,8 @@ CONFIG_CLASSES = {cls.model_type: cls for cls in (LlamaConfig, GPT2Config, BertC
 
 def config_from_dict(raw: dict[str, Any]):
     """The typed config for a Hugging Face config.json dictionary."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"config.json must hold a JSON object, got a {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in CONFIG_CLASSES:
         raise ValueError(

@@ -55,6 +55,7 @@ class RequestStream:
         self._unfinished = set(range(num_samples))  # sample indices still running (consumer side)
         self._delivered_final = 0  # finished outputs handed over (loop side)
         self.closed = False
+        self.shut_down = False  # closed by EngineLoop.shutdown, not by its consumer
 
     # -- loop side ------------------------------------------------------------------
 
@@ -89,6 +90,8 @@ class RequestStream:
                 return self._take(self._queue.get(timeout=POLL_SECONDS))
             except queue.Empty:
                 self._loop.check_alive()
+        if self.shut_down:
+            raise EngineLoopError(f"request {self.request_id!r} was aborted: the engine loop was shut down")
         return None
 
     def __iter__(self):
@@ -105,6 +108,8 @@ class RequestStream:
         try:
             while not self.finished and not self.closed:
                 yield self._take(await self._queue.get())
+            if self.shut_down:
+                raise EngineLoopError(f"request {self.request_id!r} was aborted: the engine loop was shut down")
         finally:
             self.close()
 
@@ -181,7 +186,8 @@ class EngineLoop:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort every request submitted here and stop the loop thread."""
-        for request_id in list(self._streams):
+        for request_id, stream in list(self._streams.items()):
+            stream.shut_down = not stream.closed
             self.abort(request_id)
         self._stopping = True
         self._wake.set()
