@@ -236,3 +236,14 @@ def test_donated_weights_refuse_a_recompile(tmp_path):
     compiled(torch.randn(2, 7, 16))  # the symbolic dim serves it
     with pytest.raises(FuselmError, match="donate_weights=True gave the model's weights to the first one"):
         compiled(torch.randn(3, 7, 16))
+
+
+@pytest.mark.parametrize("dynamic, error, message", [
+    ({"input": {5: "T"}}, ValueError, r"dynamic\['input'\]: dim 5 is not a dim of a rank-2 tensor"),
+    ({"input": {0: 3}}, TypeError, r"dynamic\['input'\]\[0\] must be a symbol"),
+    ({"input": ["T"]}, TypeError, r"dynamic must be None, True, False or a dict"),
+])
+def test_a_dynamic_spec_naming_no_dim_is_refused_with_the_parameter(dynamic, error, message):
+    """These were an IndexError and "'int' object is not iterable" from deep in capture."""
+    with pytest.raises(error, match=message):
+        fuselm.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), target="cpu", dynamic=dynamic)

@@ -50,6 +50,7 @@ def capture(module: torch.nn.Module, example_inputs, dynamic: Optional[dict] = N
     register_attention_ops()
     example_inputs = tuple(example_inputs)
     names = list(inspect.signature(module.forward).parameters)[: len(example_inputs)]
+    _check_dynamic(dict(zip(names, example_inputs)), dynamic or {})
     dynamic_shapes, named_dims = _dynamic_shapes(names, dynamic or {})
     with warnings.catch_warnings():  # torch's own deprecation noise about its pytree specs
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -73,6 +74,26 @@ def decomposition_table() -> dict:
 
 # ----------------------------------------------------------------------------- dynamic shapes
 AUTO = "auto"  # a dynamic spec value: symbolic, named by torch (s0, s1...), relations inferred
+
+
+def _check_dynamic(inputs: dict, dynamic: dict) -> None:
+    """Refuse a spec entry that names no tensor dim, naming the parameter and dim."""
+    for name, dims in dynamic.items():
+        if name not in inputs or dims is None:
+            continue  # unknown names are refused with the parameter list below
+        if not isinstance(dims, dict):
+            raise TypeError(f"dynamic[{name!r}] must be a dict {{dim: symbol}}, got {dims!r}")
+        value = inputs[name]
+        rank = value.dim() if isinstance(value, torch.Tensor) else None
+        for dim, spec in dims.items():
+            if rank is None:
+                raise ValueError(f"dynamic[{name!r}]: {name} is a {type(value).__name__}, not a tensor")
+            if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
+                raise ValueError(f"dynamic[{name!r}]: dim {dim!r} is not a dim of a rank-{rank} tensor")
+            text = spec if isinstance(spec, str) else spec[0] if isinstance(spec, tuple) and spec else None
+            if not isinstance(text, str) or not text:
+                raise TypeError(f"dynamic[{name!r}][{dim}] must be a symbol such as \"T\", (\"T\", min, max) "
+                                f"or \"auto\", got {spec!r}")
 
 
 def _dynamic_shapes(names: list, dynamic: dict):
