@@ -180,6 +180,15 @@ def test_ctrl_c_while_loading_exits_130_without_a_traceback(smollm2_gguf):
     assert process.returncode == 130 and "Traceback" not in err and "fuselm: interrupted" in err
 
 
+def test_ctrl_c_while_parsing_the_command_exits_130_without_a_traceback():
+    """`import fuselm` once imported torch before main() could catch a Ctrl-C."""
+    process = fuselm_subprocess("-m", "fuselm.cli", "generate", "hi", "--target", "cpu")
+    time.sleep(0.4)  # past the interpreter's start, inside fuselm's imports or argument parsing
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
+
+
 @pytest.mark.slow
 def test_ctrl_c_at_the_chat_prompt_exits_130_without_a_traceback(smollm2_gguf):
     process = fuselm_subprocess("-m", "fuselm.cli", "chat", "--target", "cpu", stdin=subprocess.PIPE)
