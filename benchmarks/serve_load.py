@@ -139,7 +139,9 @@ def start_llama_cpp(args, port: int) -> Optional[subprocess.Popen]:
 
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(fetch(MODEL)), "--port", str(port),
                "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-               "--n_ctx", str(args.max_model_len), "--model_alias", MODEL]
+               "--n_ctx", str(args.max_model_len), "--model_alias", MODEL,
+               # its default cancels the running request whenever another arrives: queue them instead
+               "--interrupt_requests", "False"]
     return subprocess.Popen(command, env=thread_env(args.threads), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -341,6 +343,10 @@ def report(args, kv_bytes: int, fuselm: dict, llama: Optional[dict]) -> None:
     for name, s in rows:
         print(f"{name:<20}{s['completed']:>6}{s['requests_per_s']:>8.2f}{s['tokens_per_s']:>8.1f}"
               f"{s['latency_p50']:>9.2f}{s['latency_p99']:>9.2f}{s['ttft_p50']:>9.2f}{s['ttft_p99']:>9.2f}")
+    for name, s in rows:
+        if s["completed"] < args.requests:
+            print(f"WARNING: {name} completed {s['completed']} of {args.requests} requests "
+                  f"(first errors: {s['errors']}); its rates are not comparable")
     if llama:
         print(f"fuselm / llama.cpp: requests/s x{fuselm['requests_per_s'] / llama['requests_per_s']:.2f}, "
               f"tokens/s x{fuselm['tokens_per_s'] / llama['tokens_per_s']:.2f}")
