@@ -32,10 +32,9 @@ from typing import Optional, Union
 
 import torch
 
-from .codegen.cache import MARKER as CACHE_MARKER
-from .codegen.cache import KernelCache, versions
+from .codegen.cache import KernelCache
 from .codegen.dump import write_kernel_dump
-from .codegen.kernel import Kernel, group_key
+from .codegen.kernel import Kernel
 from .errors import FallbackWarning, FuselmError, UnsupportedKernelError
 from .frontend import capture
 from .frontend.capture import AUTO
@@ -341,17 +340,11 @@ def _first_of_each_uncached_kernel(groups: list, cache: KernelCache) -> set:
     for group in groups:
         if _torch_only(group.graph):
             continue
-        key = group_key(group.graph, cache.target.name, versions(cache.target.backend, cache.target.compiler))
-        if key not in seen and not _cached(cache, key):
+        key = cache.key(group.graph)
+        if key not in seen and not cache.holds(key):  # a corrupt entry is rebuilt uncounted
             first.add(id(group))
         seen.add(key)
     return first
-
-
-def _cached(cache: KernelCache, key: str) -> bool:
-    """What KernelCache.kernel finds without generating: the kernel in memory, or an entry
-    on disk with its marker (a corrupt entry is rebuilt uncounted: the bar ends short)."""
-    return key in cache.memory or (cache.root / cache.target.name / key / CACHE_MARKER).exists()
 
 
 def _progress(kernels: int, description: str):

@@ -99,12 +99,23 @@ class KernelCache:
         """The versions as entries' markers record them: {"torch": "2.13.0", ...}."""
         return dict(v.split("=", 1) for v in self.versions)
 
+    def key(self, group: Graph) -> str:
+        return group_key(group, self.target.name, self.versions)
+
+    def holds(self, key: str) -> bool:
+        """Whether `kernel` finds this key without generating: in memory, or an entry on
+        disk with its marker (a corrupt entry is found to be so only when loaded)."""
+        return key in self.memory or (self._entry(key) / MARKER).exists()
+
+    def _entry(self, key: str) -> Path:
+        return self.root / self.target.name / key
+
     def kernel(self, group: Graph) -> Kernel:
-        key = group_key(group, self.target.name, self.versions)
+        key = self.key(group)
         if key in self.memory:
             stats["memory_hits"] += 1
             return self.memory[key]
-        entry = self.root / self.target.name / key
+        entry = self._entry(key)
         kernel = self._reload(group, entry) if entry.exists() else None
         if kernel is None:
             kernel = self._generate(group, entry)
