@@ -1,0 +1,84 @@
+"""A compiled graph at run time: its partitioned steps, the kernel of each group, and
+the executor that runs them; what `fuselm.compile` builds and an artifact loads.
+
+It takes the flat tensors of the call signature (frontend/signature.py) and returns
+the model's result rebuilt; inputs the model updates in place (a KV cache) are written
+back when a kernel did not write them in place itself.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+from ..errors import FuselmError
+from ..frontend.signature import TENSOR, CallSignature, rebuild_output
+from ..ir.graph import Graph, Input, Node
+from ..ir.interpreter import bind_symbols
+from ..ir.registry import get_op
+from ..target import Target
+from .executor import Executor
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    name: str
+    ops: tuple  # the IR ops it fused
+    source_path: Optional[str]
+    launches: int  # how many groups of the graph run it (identical layers share kernels)
+
+
+class CompiledGraph:
+    """One captured graph, its kernels and the executor that runs them."""
+
+    def __init__(self, graph: Graph, steps: list, launches: list, fallbacks: Counter, signature: CallSignature,
+                 output, target: Target, training: bool = False):
+        self.graph, self.steps, self.target, self.training = graph, steps, target, training
+        self.fallbacks = fallbacks
+        self.signature, self.output = signature, output
+        self._launches = launches
+        kernels = {id(group): kernel for group, kernel in launches}
+        self._executor = Executor(graph, steps, lambda group: kernels[id(group)].run)
+        self._user_outputs = len([c for c in output.constants if c is TENSOR])
+        self._updated_inputs = [graph.inputs.index(_updated_input(v)) for v in graph.outputs[self._user_outputs:]]
+
+    def serves(self, signature: CallSignature, tensors: tuple, training: bool) -> bool:
+        if training != self.training or len(tensors) != len(self.graph.inputs):
+            return False
+        if signature.guard_key() != self.signature.guard_key():
+            return False
+        try:
+            bind_symbols(self.graph.inputs, tensors)
+        except TypeError:
+            return False
+        return True
+
+    def run(self, tensors: tuple):
+        results = self._executor(*tensors)
+        results = results if isinstance(results, tuple) else (results,)
+        for index, value in zip(self._updated_inputs, results[self._user_outputs:]):
+            if value is not tensors[index]:  # a write the kernels did not do in place
+                tensors[index].copy_(value)
+        def sizes():
+            return {str(k): v for k, v in bind_symbols(self.graph.inputs, tensors).items()}
+
+        return rebuild_output(self.output.spec, self.output.constants, results[: self._user_outputs], sizes)
+
+    @property
+    def kernels(self) -> list:
+        counts = Counter(kernel.name for _, kernel in self._launches)
+        seen, infos = set(), []
+        for _, kernel in self._launches:
+            if kernel.name not in seen:
+                seen.add(kernel.name)
+                infos.append(KernelInfo(kernel.name, kernel.ops, kernel.source_path, counts[kernel.name]))
+        return infos
+
+
+def _updated_input(value) -> Input:
+    """The graph input an in-place update's final value belongs to."""
+    while isinstance(value, Node) and get_op(value.op).aliases_input is not None:
+        value = value.inputs[get_op(value.op).aliases_input]
+    if not isinstance(value, Input):
+        raise FuselmError(f"a graph output beyond the model's results is not an updated input: {value}")
+    return value
