@@ -32,7 +32,7 @@ from typing import Optional, Union
 
 import torch
 
-from .codegen.cache import KernelCache
+from .codegen.cache import KernelCache, program_stats
 from .codegen.dump import write_kernel_dump
 from .codegen.kernel import Kernel
 from .errors import FallbackWarning, FuselmError, UnsupportedKernelError
@@ -227,7 +227,29 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
                 bar.update()
     if options.dump_dir:
         write_kernel_dump(options.dump_dir, graph, launches)
-    return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target, training)
+    program = _program(graph, fallbacks, options, cache)
+    return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target, training, program)
+
+
+def _program(graph: Graph, fallbacks: Counter, options: CompileOptions, cache: KernelCache):
+    """The graph as one native program, from the program cache (built once per graph), on
+    targets that have them; None (the executor runs it kernel by kernel) with fallbacks,
+    with FUSELM_PROGRAM=0, or when it cannot be built (a warning says why; strict raises)."""
+    target = options.target
+    if not target.programs or fallbacks or os.environ.get("FUSELM_PROGRAM", "1") == "0":
+        return None
+    programs = KernelCache(target, cache.root, cache.backend.PROGRAMS, folder=f"{target.name}-programs",
+                           counts=program_stats)
+    try:
+        program = programs.kernel(graph)
+    except Exception as error:  # the kernel-by-kernel path still runs the graph
+        if options.strict:
+            raise
+        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        warnings.warn(FallbackWarning(f"fuselm.compile: the graph runs kernel by kernel, not as one {target} "
+                                      f"program: {reason}"), stacklevel=5)
+        return None
+    return program.bind_weights(graph.constants)
 
 
 def _kernel(group: KernelGroup, cache: KernelCache, strict: bool, fallbacks: Counter) -> Kernel:

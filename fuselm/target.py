@@ -33,6 +33,7 @@ class Target:
     owns_cores: bool  # the kernels' thread pool owns the cores: torch runs on one thread meanwhile
     cuda_graphs: bool  # decode steps can replay CUDA graphs
     hides_triton: bool  # never import Triton in this process (it costs memory and start-up)
+    programs: bool = False  # a graph runs as one native program (the backend's PROGRAMS), not kernel by kernel
 
     def __str__(self) -> str:
         return self.name
@@ -91,7 +92,7 @@ class Target:
 
 
 CPU = Target("cpu", backend="fuselm.codegen.tvm", compiler="apache-tvm", default_dtype=torch.float32,
-             aligned_weights=True, owns_cores=True, cuda_graphs=False, hides_triton=True)
+             aligned_weights=True, owns_cores=True, cuda_graphs=False, hides_triton=True, programs=True)
 CUDA = Target("cuda", backend="fuselm.codegen.triton", compiler="triton", default_dtype=torch.bfloat16,
               aligned_weights=False, owns_cores=False, cuda_graphs=True, hides_triton=False)
 TARGETS = {t.name: t for t in (CPU, CUDA)}

@@ -6,6 +6,10 @@ emitters (an edited emitter must not reuse old kernels), so identical layers sha
 a kernel and a second compile of the same model does no code generation at all: the
 backend reloads what it wrote (`codegen_runs` counts real generations; tests read it).
 
+A backend may register settings that change what it generates but not its sources
+(`register_key_setting`: the cpu backend's LLVM `-mcpu`); their current values are part
+of the key too, so kernels built for a generic x86-64 and for this CPU never share one.
+
 The target is a `fuselm.target.Target` (its `name`, `backend` package and `compiler`
 distribution are what the cache reads). A backend is a module with `emit(group, directory) -> Kernel`, which generates and
 builds a kernel and writes whatever it needs to reload it into `directory`, and
@@ -40,7 +44,7 @@ from collections import Counter
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..errors import FuselmError, KernelCacheWarning
 from ..integrity import verify_manifest, write_manifest
@@ -53,6 +57,13 @@ INSTALL_ATTEMPTS = 4  # renames lost to other processes' entries that would not 
 # "codegen_runs": kernels generated; "disk_hits": reloaded from disk; "memory_hits": reused;
 # "rebuilt": entries on disk found corrupt (or not loadable), moved away and generated again.
 stats: Counter = Counter()
+program_stats: Counter = Counter()  # the same, for the cpu program cache (whole graphs)
+_key_settings: dict = {}  # backend package -> a function giving its current settings as "name=value"
+
+
+def register_key_setting(backend: str, setting: Callable[[], str]) -> None:
+    """Make `setting()` (e.g. "mcpu=znver3"), read at every key, part of `backend`'s keys."""
+    _key_settings[backend] = setting
 
 
 def default_cache_dir() -> Path:
@@ -81,11 +92,19 @@ def emitter_digest(backend: str) -> str:
 
 
 class KernelCache:
-    def __init__(self, target, root: Optional[Path] = None):
+    """`backend`, `folder` and `counts` default to the target's kernel backend,
+    `<root>/<target>` and `stats`; the cpu program cache is this cache with the program
+    backend (codegen/tvm/__init__.py's `PROGRAMS`, whose `key` hashes a whole graph),
+    `<root>/<target>-programs` and `program_stats`."""
+
+    def __init__(self, target, root: Optional[Path] = None, backend=None, folder: Optional[str] = None,
+                 counts: Optional[Counter] = None):
         self.target = target
-        self.backend = importlib.import_module(target.backend)
+        self.stats = stats if counts is None else counts
+        self.backend = backend if backend is not None else importlib.import_module(target.backend)
         self.root = Path(root) if root is not None else default_cache_dir()
-        for directory in (self.root, self.root / target.name):
+        self.folder = self.root / (folder or target.name)
+        for directory in (self.root, self.folder):
             if directory.exists() and not directory.is_dir():
                 raise FuselmError(f"kernel cache directory {directory} is not a directory")
         self.memory: dict = {}
@@ -100,7 +119,13 @@ class KernelCache:
         return dict(v.split("=", 1) for v in self.versions)
 
     def key(self, group: Graph) -> str:
-        return group_key(group, self.target.name, self.versions)
+        key = getattr(self.backend, "key", group_key)
+        setting = _key_settings.get(self.target.backend)
+        return key(group, self.target.name, self.versions + ((setting(),) if setting else ()))
+
+    def entry_directory(self, key: str) -> Path:
+        """Where the entry of `key` is on disk (what `emit` wrote, once generated or reloaded)."""
+        return self._entry(key)
 
     def holds(self, key: str) -> bool:
         """Whether `kernel` finds this key without generating: in memory, or an entry on
@@ -108,12 +133,12 @@ class KernelCache:
         return key in self.memory or (self._entry(key) / MARKER).exists()
 
     def _entry(self, key: str) -> Path:
-        return self.root / self.target.name / key
+        return self.folder / key
 
     def kernel(self, group: Graph) -> Kernel:
         key = self.key(group)
         if key in self.memory:
-            stats["memory_hits"] += 1
+            self.stats["memory_hits"] += 1
             return self.memory[key]
         entry = self._entry(key)
         kernel = self._reload(group, entry) if entry.exists() else None
@@ -129,7 +154,7 @@ class KernelCache:
         except Exception as error:  # whatever a bad entry makes the backend raise: rebuild it
             _delete(self._discard(entry, error, "rebuilding it"))
             return None
-        stats["disk_hits"] += 1
+        self.stats["disk_hits"] += 1
         return kernel
 
     def _load_verified(self, group: Graph, entry: Path) -> Kernel:
@@ -140,7 +165,7 @@ class KernelCache:
     def _discard(self, entry: Path, error: Exception, action: str) -> Optional[Path]:
         reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         warnings.warn(f"fuselm: kernel cache entry {entry} is corrupt ({reason}); {action}", KernelCacheWarning)
-        stats["rebuilt"] += 1
+        self.stats["rebuilt"] += 1
         return _move_aside(entry)
 
     def _generate(self, group: Graph, entry: Path) -> Kernel:
@@ -150,7 +175,7 @@ class KernelCache:
             kernel = self.backend.emit(group, staging)
             (staging / "group.ir").write_text(str(group))
             write_manifest(staging, MARKER, self.manifest_versions, {"name": kernel.name, "ops": list(kernel.ops)})
-            stats["codegen_runs"] += 1
+            self.stats["codegen_runs"] += 1
             return self._install(group, staging, entry)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # already gone once renamed into place

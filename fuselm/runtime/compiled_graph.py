@@ -32,8 +32,9 @@ class CompiledGraph:
     """One captured graph, its kernels and the executor that runs them."""
 
     def __init__(self, graph: Graph, steps: list, launches: list, fallbacks: Counter, signature: CallSignature,
-                 output, target: Target, training: bool = False):
+                 output, target: Target, training: bool = False, program=None):
         self.graph, self.steps, self.target, self.training = graph, steps, target, training
+        self.program = program  # the whole graph as one native program (cpu), else None: the executor runs it
         self.fallbacks = fallbacks
         self.signature, self.output = signature, output
         self._launches = launches
@@ -54,10 +55,10 @@ class CompiledGraph:
         return True
 
     def run(self, tensors: tuple):
-        results = self._executor(*tensors)
+        results = self.program(*tensors) if self.program is not None else self._executor(*tensors)
         results = results if isinstance(results, tuple) else (results,)
         for index, value in zip(self._updated_inputs, results[self._user_outputs:]):
-            if value is not tensors[index]:  # a write the kernels did not do in place
+            if value.data_ptr() != tensors[index].data_ptr():  # a write the kernels did not do in place
                 tensors[index].copy_(value)
         def sizes():
             return {str(k): v for k, v in bind_symbols(self.graph.inputs, tensors).items()}

@@ -45,7 +45,7 @@ from ...ir.registry import get_op, is_view  # noqa: E402
 from ..kernel import Kernel, group_key  # noqa: E402
 from .build import ShapeBinder, build, build_count, load_built  # noqa: E402
 
-__all__ = ["emit", "load", "build_count"]
+__all__ = ["emit", "load", "build_count", "PROGRAMS"]
 
 
 def emit(group: Graph, directory: Optional[Path] = None) -> Kernel:
@@ -137,3 +137,34 @@ def _views_around(plan: _Plan, core_run):
         return result
 
     return run
+
+
+class _ProgramBackend:
+    """The kernel cache's backend contract for whole-graph programs (program.py): keyed by
+    the graph's text (weights are arguments, so their values are not part of it)."""
+
+    @staticmethod
+    def key(graph: Graph, target: str, versions: tuple) -> str:
+        import hashlib
+
+        from ...ir.text import print_graph
+
+        return hashlib.sha256(f"program\n{target}\n{versions}\n{print_graph(graph)}".encode()).hexdigest()[:16]
+
+    @staticmethod
+    def emit(graph: Graph, directory: Path):
+        from ...passes.partition import partition
+        from .program import build_program
+
+        program = build_program(graph, partition(graph), _plan)
+        program.save(directory)
+        return program
+
+    @staticmethod
+    def load(graph: Graph, directory: Path):
+        from .program import Program
+
+        return Program.load(directory)
+
+
+PROGRAMS = _ProgramBackend()

@@ -298,8 +298,70 @@ def tiled_func(node, parallel: bool = True):
 def tiled_generate(group) -> tuple:
     from ..kernel import group_key
 
-    return "attention_tiled_" + group_key(group, "cpu")[:6], {"main": tiled_func(group.nodes[0]),
-                                                                  "serial": tiled_func(group.nodes[0], parallel=False)}
+    node = group.nodes[0]
+    funcs = {"main": tiled_func(node), "serial": tiled_func(node, parallel=False), "keys": padded_keys_func(node)}
+    if len(node.inputs) > 3:
+        funcs["mask"] = padded_mask_func(node)
+    return "attention_tiled_" + group_key(group, "cpu")[:6], funcs
+
+
+def _padded(keys):
+    return (keys + KEYS_PER_CHUNK - 1) // KEYS_PER_CHUNK * KEYS_PER_CHUNK
+
+
+def padded_keys_func(node):
+    """k [B, H, S, D] -> K^T [B, H, D, S padded to whole chunks] (zeros past S): what
+    `run` makes with torch, as a kernel of the cpu program."""
+    from tvm import te
+
+    from .build import tir_dtype
+
+    B, H, S = (tirx.Var(n, "int64") for n in ("B", "H", "S"))
+    D = node.inputs[1].type.shape[3]
+    k = te.placeholder((B, H, S, D), tir_dtype(node.inputs[1].type.dtype), name="k")
+    kt = te.compute((B, H, D, _padded(S)), lambda b, h, d, j: tirx.if_then_else(
+        j < S, k[b, h, tirx.min(j, S - 1), d], tirx.const(0, k.dtype)), name="kt")
+    return te.create_prim_func([k, kt])
+
+
+def padded_mask_func(node):
+    """The mask, 4-D, its key dim broadcast to S and padded to whole chunks (zeros past S)."""
+    from tvm import te
+
+    from .build import tir_dtype
+
+    S, MB, MH, MS, MK = (tirx.Var(n, "int64") for n in ("S", "MB", "MH", "MS", "MK"))
+    mask = te.placeholder((MB, MH, MS, MK), tir_dtype(node.inputs[3].type.dtype), name="mask")
+    out = te.compute((MB, MH, MS, _padded(S)), lambda b, h, s, j: tirx.if_then_else(
+        j < S, mask[b, h, s, tirx.min(j, MK - 1)], tirx.const(0, mask.dtype)), name="padded")
+    return te.create_prim_func([S, mask, out])
+
+
+def tiled_program_call(group, forms: dict, operands: list, ctx):
+    """`tiled_make_run` in the cpu program (program.py): K^T and the mask padded by kernels."""
+    from . import elementwise
+    from .build import operand_positions, tir_dtype
+
+    node = group.nodes[0]
+    positions = operand_positions(group, node)
+    types = [group.inputs[at].type for at in positions]
+    q, k, v = (operands[at] for at in positions[:3])
+    k_shape = ctx.shape(types[1])
+    keys = k_shape[2]
+    kt = ctx.emit(ctx.call(forms["keys"], [k], [*k_shape[:2], k_shape[3], _padded(keys)], tir_dtype(types[1].dtype)))
+    if len(positions) > 3:
+        mask_shape = [1] * (4 - types[3].rank) + ctx.shape(types[3])
+        mask = ctx.reshape(operands[positions[3]], mask_shape)
+        mask = ctx.emit(ctx.call(forms["mask"], [ctx.prim(keys), mask], [*mask_shape[:3], _padded(keys)],
+                                 tir_dtype(types[3].dtype)))
+    else:
+        mask = ctx.empty((1, 1, 1, 1), "float32")
+    shape = ctx.shape(types[0])[:3] + ctx.shape(types[2])[3:]
+    work = ctx.largest([*types[:3], node.type])
+    args = [q, kt, v, mask]
+    return ctx.choose([(work < elementwise.SERIAL_MAX, lambda: ctx.call(forms["serial"], args, shape,
+                                                                         tir_dtype(node.type.dtype)))],
+                      lambda: ctx.call(forms["main"], args, shape, tir_dtype(node.type.dtype)))
 
 
 def tiled_make_run(group, functions):

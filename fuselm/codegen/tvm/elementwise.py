@@ -28,7 +28,7 @@ from ...ir.graph import Graph
 from ..kernel import group_key
 from ..memory import kernel_ready
 from . import attention  # noqa: F401  (registers the attention lowering)
-from .build import SERIAL_MAX, Dims, OutputShape, ShapeBinder, vector_lanes
+from .build import SERIAL_MAX, Dims, OutputShape, ShapeBinder, tir_dtype, vector_lanes
 from .lowering import LOWER, lower
 
 OPS = tuple(LOWER)
@@ -204,3 +204,15 @@ def parallel_alone(sch, block) -> None:
             sch.parallel(loops[0])
         except ScheduleError:
             pass  # a reduction's outer loop (rfactor reorders iter vars): stays serial
+
+
+def program_call(group: Graph, forms: dict, operands: list, ctx):
+    """`make_run`'s choice in the cpu program (program.py): the serial twin below SERIAL_MAX."""
+    if attention.tiled_supported(group):
+        return attention.tiled_program_call(group, forms, operands, ctx)
+    out_type = group.outputs[0].type
+    shape, dtype = ctx.shape(out_type), tir_dtype(out_type.dtype)
+    args = ctx.symbol_args(group) + list(operands)
+    work = ctx.largest([out_type, *(v.type for v in group.inputs)])
+    return ctx.choose([(work < SERIAL_MAX, lambda: ctx.call(forms["serial"], args, shape, dtype))],
+                      lambda: ctx.call(forms["main"], args, shape, dtype))

@@ -304,3 +304,28 @@ def _flat_extra(t: torch.Tensor, lead: tuple, width: int, rows: int) -> torch.Te
     if t.shape[:-1] != lead:
         t = t.expand(*lead, width)
     return t.reshape(rows, width)
+
+
+def program_call(group: Graph, forms: dict, operands: list, ctx):
+    """`make_run` in the cpu program (program.py): rows flattened, the form chosen by rows."""
+    node = single_node(group)
+    spec, positions = spec_of(node), operand_positions(group, node)
+    x_type = node.inputs[0].type
+    lead = ctx.shape(x_type)[:-1]
+    rows = ctx.product(lead)
+    x = ctx.reshape(operands[positions[0]], [rows, spec.K])
+    extras = []
+    for at, width in zip(positions[2:], _extra_widths(spec)):
+        value, extra_type = operands[at], group.inputs[at].type
+        if extra_type.rank > 1:
+            if list(extra_type.shape[:-1]) != list(x_type.shape[:-1]):
+                value = ctx.broadcast(value, [*lead, width])
+            value = ctx.reshape(value, [rows, width])
+        extras.append(value)
+    args, out, dtype = [x, operands[positions[1]], *extras], [rows, spec.n_out], tir_dtype(spec.dtype)
+
+    def form(name):
+        return lambda: ctx.call(forms[name], args, out, dtype)
+
+    result = ctx.choose([(rows == 1, form("gemv1")), (rows <= GEMV_MAX_ROWS, form("gemv"))], form("gemm"))
+    return ctx.reshape(result, [*lead, spec.n_out])

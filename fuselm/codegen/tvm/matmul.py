@@ -186,3 +186,15 @@ def make_run(group: Graph, functions):
         return out
 
     return run
+
+
+def program_call(group: Graph, forms: dict, operands: list, ctx):
+    """`make_run` in the cpu program (program.py): b as it is (the program's values are
+    compact), the serial twin below SERIAL_WORK * SERIAL_MAX multiply-adds."""
+    node = single_node(group)
+    a_at, b_at = operand_positions(group, node)
+    args = ctx.symbol_args(group) + [operands[a_at], operands[b_at]]
+    shape, dtype = ctx.shape(node.type), tir_dtype(node.type.dtype)
+    work = ctx.numel(node.type) * ctx.size(node.inputs[0].type.shape[-1])
+    return ctx.choose([(work < SERIAL_WORK * SERIAL_MAX, lambda: ctx.call(forms["nn_serial"], args, shape, dtype))],
+                      lambda: ctx.call(forms["nn"], args, shape, dtype))

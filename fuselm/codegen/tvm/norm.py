@@ -174,3 +174,25 @@ def make_run(group: Graph, functions):
         return out
 
     return run
+
+
+def program_call(group: Graph, forms: dict, operands: list, ctx):
+    """`make_run` in the cpu program (program.py): rows flattened; a residual norm's two
+    outputs (normed, sum) are the parts of its stacked result."""
+    from .program import Stacked
+
+    node = single_node(group)
+    spec, positions = spec_of(node), operand_positions(group, node)
+    shape = ctx.shape(node.inputs[0].type)
+    rows, D, dtype = ctx.product(shape[:-1]), spec.D, tir_dtype(spec.dtype)
+    args = [ctx.reshape(operands[at], [rows, D]) if group.inputs[at].type.rank > 1 else operands[at]
+            for at in positions]
+    outs = [([rows, D], dtype)] * (2 if spec.residual else 1)
+
+    def form(name):
+        return lambda: ctx.call_multi(forms[name], args, outs)
+
+    result = ctx.choose([(rows * D < SERIAL_MAX, form("serial"))], form("main"))
+    if spec.residual:
+        return Stacked(tuple(ctx.reshape(ctx.item(result, i), shape) for i in range(2)))
+    return ctx.reshape(result, shape)

@@ -91,7 +91,7 @@ def kv_cache_write_func(s: CacheSpec, parallel: bool = True):
         NB = T.int64()
         TOKENS = T.int64()
         ROPE_T = T.int64()
-        cache = T.match_buffer(cache_h, (L, 2, NB, BS, HKV, D), cache_dt)
+        cache = T.match_buffer(cache_h, (L, 2, NB, BS, HKV, D), cache_dt, offset_factor=1)  # a layer's view
         key = T.match_buffer(key_h, (TOKENS, HKV, D), data_dt)
         value = T.match_buffer(value_h, (TOKENS, HKV, D), data_dt)
         slots = T.match_buffer(slots_h, (TOKENS,), slot_dt)
@@ -141,7 +141,7 @@ def paged_attention_tiled_func(s: CacheSpec, rows_per_tile: int):
 
     @T.prim_func
     def paged_attention_tiled(query_h: T.handle, cache_h: T.handle, tables_h: T.handle, lens_h: T.handle,
-                              cu_h: T.handle, cos_h: T.handle, sin_h: T.handle, out_h: T.handle, tiles: T.int64):
+                              cu_h: T.handle, cos_h: T.handle, sin_h: T.handle, tiles: T.int64, out_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         TOKENS = T.int64()
         L = T.int64()
@@ -151,7 +151,7 @@ def paged_attention_tiled_func(s: CacheSpec, rows_per_tile: int):
         N1 = T.int64()
         ROPE_T = T.int64()
         query = T.match_buffer(query_h, (TOKENS, H, D), q_dt)
-        cache = T.match_buffer(cache_h, (L, 2, NB, BS, HKV, D), cache_dt)
+        cache = T.match_buffer(cache_h, (L, 2, NB, BS, HKV, D), cache_dt, offset_factor=1)  # a layer's view
         tables = T.match_buffer(tables_h, (N, MB), table_dt)
         lens = T.match_buffer(lens_h, (N,), lens_dt)
         cu = T.match_buffer(cu_h, (N1,), cu_dt)
@@ -284,12 +284,36 @@ def _attention_run(tiled, decode, positions: list, spec: CacheSpec):
         cu = kernel_ready(args[4])
         cache = check_kernel_ready(args[1], "the KV cache")
         operands = (query, cache, kernel_ready(args[2]), kernel_ready(args[3]), cu,
-                    *_rope_tables(args, spec, query.dtype), out)
+                    *_rope_tables(args, spec, query.dtype))
         longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
         if longest > 1:
-            tiled(*operands, -(-longest // ROWS_PER_TILE))
+            tiled(*operands, -(-longest // ROWS_PER_TILE), out)
         elif longest == 1:
-            decode(*operands, 1)  # one row per tile: the H/Hkv heads of a kv head share its keys
+            decode(*operands, 1, out)  # one row per tile: the H/Hkv heads of a kv head share its keys
         return out
 
     return run
+
+
+def program_call(group: Graph, forms: dict, operands: list, ctx):
+    """`make_run` in the cpu program (program.py). The cache (its layer's view) is written
+    in place. Attention: every sequence adds one token exactly when the token count equals
+    the sequence count (decode: one row per tile); else ceil(tokens / ROWS_PER_TILE) tiles,
+    a bound on the longest q_len (tiles past a sequence's rows do nothing)."""
+    node = single_node(group)
+    spec, positions = spec_of(node), operand_positions(group, node)
+    args = [operands[at] for at in positions]
+    types = [group.inputs[at].type for at in positions]
+    dtype = tir_dtype(types[1 if node.op == "kv_cache_write" else 0].dtype)
+    tables = args[-2:] if spec.rope else [ctx.empty((0, spec.head_dim), dtype)] * 2
+    if node.op == "kv_cache_write":
+        args = [*args[:4], *tables]
+        work = 2 * ctx.numel(types[1])
+        return ctx.choose([(work < SERIAL_MAX, lambda: ctx.inplace(forms["serial"], args, 0))],
+                          lambda: ctx.inplace(forms["main"], args, 0))
+    tokens, sequences = ctx.size(types[0].shape[0]), ctx.size(types[3].shape[0])
+    shape = ctx.shape(types[0])
+    operands = [*args[:5], *tables]
+    tiles = ctx.prim((tokens + ROWS_PER_TILE - 1) // ROWS_PER_TILE)
+    return ctx.choose([(tokens == sequences, lambda: ctx.call(forms["decode"], [*operands, ctx.prim(1)], shape, dtype))],
+                      lambda: ctx.call(forms["main"], [*operands, tiles], shape, dtype))

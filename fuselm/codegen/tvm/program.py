@@ -1,0 +1,378 @@
+"""The cpu program: a whole partitioned graph as one TVM Relax module, run by Relax's VM.
+
+The Python executor (runtime/executor.py) calls one kernel at a time from a loop: per
+launch it binds sizes, allocates the output with torch and crosses into TVM, which costs
+more than a decode-sized kernel once there are hundreds of them. Here the same steps
+become one Relax function `main(*graph inputs, weights)`:
+
+- each kernel group's scheduled PrimFuncs (the same the emitters build for the kernel
+  cache) are functions of the module, called with `call_tir`; the choice each `run`
+  makes per call (gemv1 / gemv / gemm by rows, the serial twin below SERIAL_MAX, decode
+  or query tiles) is an `If` on the symbolic sizes, decided in the VM;
+- symbolic dims stay symbolic: one program serves every token and batch count, and
+  Relax plans the intermediate memory;
+- views are Relax reshapes (free) or small copy kernels lowered like any fused view;
+- the KV cache is written in place: `call_tir_inplace` on a `memory.view` of the
+  caller's cache (its layer), which the VM receives from torch through DLPack;
+- the weights are one tuple argument, converted to TVM tensors once (no copy).
+
+A forward is then one VM call with one `call_tir` per kernel launch and no Python in
+between. `build_program` compiles the module (tvm.compile), `Program` runs it; graphs
+with fallback ops, or a group no emitter here can place in a program, are refused with
+`UnsupportedKernelError` (the Python executor runs those).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import sympy
+import torch
+import tvm
+import tvm.sym
+from tvm import relax, tirx
+
+from ...errors import UnsupportedKernelError
+from ...ir.graph import Constant, Graph
+from ...ir.registry import get_op
+from ...ir.types import TensorType
+from ...passes.partition import KernelGroup, ViewStep
+from ..kernel import group_key
+from ..memory import kernel_ready
+from .build import INDEX, Dims, ShapeBinder, target, tir_dtype
+
+_analyzer = tvm.sym.Analyzer()
+
+
+class ProgramContext:
+    """What an emitter's `program_call` uses to place its kernel in the program: sizes of
+    the group's symbols in the program's variables, calls, reshapes and choices."""
+
+    def __init__(self, builder: "ProgramBuilder", group: Graph, args: list):
+        self.builder = builder
+        self.symbols = _symbol_map(group.inputs, [a.type for a in args])
+
+    # -- sizes
+    def size(self, dim) -> tirx.PrimExpr:
+        """A dim of the group (int or expression over its symbols) in program variables."""
+        if isinstance(dim, int):
+            return tirx.IntImm("int64", dim)
+        return self.builder.dims(sympy.sympify(dim).subs(self.symbols))
+
+    def shape(self, ir_type: TensorType) -> list:
+        return [self.size(d) for d in ir_type.shape]
+
+    def numel(self, ir_type: TensorType) -> tirx.PrimExpr:
+        return self.product(self.shape(ir_type))
+
+    @staticmethod
+    def product(sizes: list) -> tirx.PrimExpr:
+        return _simplify(functools.reduce(lambda a, b: a * b, sizes, tirx.IntImm("int64", 1)))
+
+    def largest(self, ir_types: list) -> tirx.PrimExpr:
+        """The most elements of any of these tensors."""
+        return _simplify(functools.reduce(tirx.max, [self.numel(t) for t in ir_types]))
+
+    @staticmethod
+    def prim(value) -> relax.Expr:
+        return relax.prim_value(tirx.IntImm("int64", value) if isinstance(value, int) else _simplify(value))
+
+    def symbol_args(self, group: Graph) -> list:
+        """The group's symbols as prim values, in the order (and index type) the kernels take them."""
+        return [relax.prim_value(_simplify(tirx.Cast(INDEX, self.size(s)))) for s in ShapeBinder(group.inputs).symbols]
+
+    # -- calls
+    def call(self, function: str, args: list, out: list, dtype: str) -> relax.Call:
+        """A (not yet emitted) call_tir of one of the kernel's functions."""
+        return relax.call_tir(self.builder.function(function), args, relax.TensorType(out, dtype))
+
+    def call_multi(self, function: str, args: list, outs: list) -> relax.Call:
+        """call_tir with several outputs: `outs` is [(shape, dtype)]."""
+        return relax.call_tir(self.builder.function(function), args,
+                              [relax.TensorType(shape, dtype) for shape, dtype in outs])
+
+    def inplace(self, function: str, args: list, index: int) -> relax.Call:
+        """A (not yet emitted) call_tir_inplace: the function writes args[index], which is its result."""
+        return relax.call_tir_inplace(self.builder.function(function), args, index, args[index].ty)
+
+    def choose(self, cases: list, otherwise: Callable) -> relax.Expr:
+        """The first case whose condition holds: [(condition, make_call)], then `otherwise`.
+        A condition the sizes decide statically picks its call without a branch."""
+        for at, (condition, make_call) in enumerate(cases):
+            condition = _simplify(condition)
+            if isinstance(condition, tirx.IntImm):
+                if condition.value:
+                    return self.builder.emit(make_call())
+                continue
+            rest = cases[at + 1 :]
+            chosen = relax.SeqExpr([], make_call())
+            alternative = self._branch_body(rest, otherwise)
+            return self.builder.emit(relax.If(relax.prim_value(condition), chosen, alternative))
+        return self.builder.emit(otherwise())
+
+    def _branch_body(self, cases: list, otherwise: Callable) -> relax.Expr:
+        for at, (condition, make_call) in enumerate(cases):
+            condition = _simplify(condition)
+            if isinstance(condition, tirx.IntImm):
+                if condition.value:
+                    return relax.SeqExpr([], make_call())
+                continue
+            return relax.SeqExpr([], relax.If(relax.prim_value(condition), relax.SeqExpr([], make_call()),
+                                              self._branch_body(cases[at + 1 :], otherwise)))
+        return relax.SeqExpr([], otherwise())
+
+    # -- data movement
+    def reshape(self, value: relax.Expr, shape: list) -> relax.Expr:
+        """A view with another shape (free in the VM: every value is compact)."""
+        return self.builder.reshape(value, shape)
+
+    def broadcast(self, value: relax.Expr, shape: list) -> relax.Expr:
+        return self.builder.emit(relax.op.broadcast_to(value, relax.ShapeExpr(shape)))
+
+    def item(self, value: relax.Expr, index: int) -> relax.Expr:
+        return self.builder.emit(relax.TupleGetItem(value, index))
+
+    def emit(self, expr: relax.Expr) -> relax.Expr:
+        return self.builder.emit(expr)
+
+    def empty(self, shape: tuple, dtype: str) -> relax.Expr:
+        return relax.const(torch.empty(shape, dtype=getattr(torch, dtype)).numpy(), dtype)
+
+
+@dataclass
+class Stacked:
+    """A result that the kernel wrote as several outputs (a residual norm's [2, ...]):
+    its `select(dim=0, index=i)` views are the parts."""
+    parts: tuple
+
+
+class ProgramBuilder:
+    """Walks a partitioned graph's steps into one Relax function."""
+
+    def __init__(self, graph: Graph, steps: list, plan_of: Callable):
+        self.graph, self.steps, self.plan_of = graph, steps, plan_of
+        self.dims = Dims("int64")
+        self.bb = relax.BlockBuilder()
+        self._functions: dict = {}  # name -> GlobalVar
+        self._generated: dict = {}  # group key -> (kernel name, funcs)
+        self.weight_types = {v.name: v.type for step in steps for v in _reads(step) if isinstance(v, Constant)}
+        self.weight_types.update({v.name: v.type for v in graph.outputs if isinstance(v, Constant)})
+        self.weight_names = sorted(self.weight_types)
+        self.launches = 0  # call_tir per forward, counted as the steps are placed
+
+    def function(self, name: str) -> relax.GlobalVar:
+        return self._functions[name]
+
+    def emit(self, expr: relax.Expr) -> relax.Expr:
+        return self.bb.emit(expr)
+
+    def reshape(self, value: relax.Expr, shape: list) -> relax.Expr:
+        """The same memory with another shape: a view (`R.reshape` outside a dataflow block
+        would be legalized into a copy kernel)."""
+        return self.bb.emit(relax.op.memory.view(value, relax.ShapeExpr(shape)))
+
+    def build_module(self) -> tvm.IRModule:
+        params = [relax.Var(_param_name(v.name), self._tensor_type(v.type)) for v in self.graph.inputs]
+        weight_types = [self._tensor_type(self.weight_types[n]) for n in self.weight_names]
+        weights = relax.Var("weights", relax.TupleType(weight_types))
+        with self.bb.function("main", [*params, weights]):
+            env: dict = dict(zip(self.graph.inputs, params))
+            for at, name in enumerate(self.weight_names):
+                env[name] = self.bb.emit(relax.TupleGetItem(weights, at))
+            for step in self.steps:
+                if isinstance(step, ViewStep):
+                    env[step.node] = self._view(step.node, env[step.node.inputs[0]], step.node.inputs[0].type)
+                else:
+                    env[step.result] = self._kernel_step(step, env)
+            outputs = [self._materialized(env[v] if not isinstance(v, Constant) else env[v.name])
+                       for v in self.graph.outputs]
+            self.bb.emit_func_output(relax.Tuple(outputs))
+        return self.bb.get()
+
+    def _tensor_type(self, ir_type: TensorType) -> relax.TensorType:
+        return relax.TensorType(self.dims.shape(ir_type.shape), tir_dtype(ir_type.dtype))
+
+    def _read(self, value, env: dict):
+        return env[value.name] if isinstance(value, Constant) else env[value]
+
+    # -- kernels
+    def _kernel_step(self, step: KernelGroup, env: dict):
+        plan = self.plan_of(step.graph)
+        name, funcs = self._funcs(step.graph, plan)
+        args = [self._read(v, env) for v in step.args]
+        if step.cache_layer is not None:
+            at = 0 if step.result.op == "kv_cache_write" else 1
+            args[at] = self._cache_layer(args[at], step.args[at].type, step.cache_layer)
+        context = ProgramContext(self, step.graph, list(step.args))
+        if plan.core is step.graph:
+            operands = [self._materialized(a) for a in args]
+        else:  # the views around the heavy op, then the op alone
+            local = dict(zip(step.graph.inputs, args))
+            for node in plan.before:
+                local[node] = self._view(node, local[node.inputs[0]], node.inputs[0].type, context)
+            operands = [self._materialized(local[v]) for v in plan.operands]
+            context = ProgramContext(self, plan.core, [_typed(v, context) for v in plan.operands])
+        result = plan.emitter.program_call(plan.core, {form: f"{name}__{form}" for form in funcs}, operands, context)
+        self.launches += 1
+        if step.cache_layer is not None and step.result.op == "kv_cache_write":
+            return env[step.args[0]] if not isinstance(step.args[0], Constant) else args[0]
+        for node in plan.after:
+            result = self._view(node, result, node.inputs[0].type, context)
+        return result
+
+    def _funcs(self, group: Graph, plan) -> tuple:
+        key = group_key(group, "cpu")
+        if key not in self._generated:
+            name, funcs = plan.emitter.generate(plan.core)
+            for form, func in funcs.items():
+                gv = self.bb.add_func(func.with_attr("global_symbol", f"{name}__{form}"), f"{name}__{form}")
+                self._functions[f"{name}__{form}"] = gv
+            self._generated[key] = (name, funcs)
+        return self._generated[key]
+
+    def _cache_layer(self, cache: relax.Expr, cache_type: TensorType, layer: int) -> relax.Expr:
+        """The [1, ...] view of one layer of the cache, in place (no copy)."""
+        shape = self.dims.shape(cache_type.shape)
+        per_layer = functools.reduce(lambda a, b: a * b, shape[1:], tirx.IntImm("int64", 1))
+        itemsize = torch.empty((), dtype=cache_type.torch_dtype).element_size()
+        offset = _simplify(per_layer * itemsize * layer)
+        return self.bb.emit(relax.op.memory.view(cache, relax.ShapeExpr([1, *shape[1:]]),
+                                                 relative_byte_offset=relax.prim_value(offset)))
+
+    # -- views
+    def _view(self, node, value, input_type: TensorType, context: ProgramContext = None):
+        """A view step: reshape is free; a part of a stacked result is that output; other
+        views are copy kernels (lowered as a one-node fused group)."""
+        size = context.size if context is not None else (lambda d: self.dims(d))
+        if isinstance(value, Stacked):
+            if node.op == "select" and node.attrs["dim"] in (0, -input_type.rank):
+                return value.parts[node.attrs["index"]]
+            value = self._materialized(value)
+        if node.op == "reshape":
+            return self.reshape(value, [size(d) for d in node.type.shape])
+        return self._copy_view(node, value, input_type, size)
+
+    def _copy_view(self, node, value, input_type: TensorType, size) -> relax.Expr:
+        from ...ir.graph import GraphBuilder
+        from ...passes.partition import canonical_symbols
+        from . import elementwise
+
+        builder = GraphBuilder()
+        x = builder.input("x", input_type)
+        out = builder.op(node.op, x, **node.attrs)
+        group = canonical_symbols(builder.build([out]))
+        name, funcs = self._funcs(group, _ViewPlan(group, elementwise))
+        context = ProgramContext(self, group, [_TypedValue(input_type)])
+        context.size = lambda d, s=size, c=context: s(sympy.sympify(d).subs(c.symbols)) if not isinstance(d, int) \
+            else tirx.IntImm("int64", d)
+        self.launches += 1
+        return elementwise.program_call(group, {form: f"{name}__{form}" for form in funcs}, [value], context)
+
+    def _materialized(self, value):
+        if isinstance(value, Stacked):
+            return self.bb.emit(relax.op.stack(list(value.parts), axis=0))
+        return value
+
+
+@dataclass
+class _ViewPlan:
+    core: Graph
+    emitter: object
+
+
+@dataclass
+class _TypedValue:
+    type: TensorType
+
+
+def _typed(value, context: ProgramContext):
+    """A core operand (a value of the group) with its type in the parent's symbols."""
+    return _TypedValue(value.type.with_shape([sympy.sympify(d).subs(context.symbols) if not isinstance(d, int)
+                                              else d for d in value.type.shape]))
+
+
+def _symbol_map(inputs: list, parent_types: list) -> dict:
+    """Group symbol -> the parent's dim expression, read where a group dim is bare."""
+    mapping: dict = {}
+    for value, parent in zip(inputs, parent_types):
+        for dim, parent_dim in zip(value.type.shape, parent.shape):
+            if isinstance(dim, sympy.Symbol) and dim not in mapping:
+                mapping[dim] = sympy.sympify(parent_dim)
+    return mapping
+
+
+def _reads(step) -> tuple:
+    return (step.node.inputs[0],) if isinstance(step, ViewStep) else step.args
+
+
+def _param_name(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _simplify(expr):
+    return expr if isinstance(expr, (int, bool)) else _analyzer.simplify(expr)
+
+
+# ----------------------------------------------------------------------------- build, save, load, run
+LIBRARY, DESCRIPTION, SCRIPT = "program.so", "program.json", "program.relax"
+
+
+def build_program(graph: Graph, steps: list, plan_of: Callable) -> "Program":
+    """Compile the graph's steps into one VM executable."""
+    if any(get_op(n.op).fallback for n in graph.nodes):
+        raise UnsupportedKernelError("a graph with fallback ops has no cpu program (the executor runs it)")
+    builder = ProgramBuilder(graph, steps, plan_of)
+    module = builder.build_module()
+    executable = tvm.compile(module, target=target())
+    return Program(executable, builder.weight_names, builder.launches, module.script())
+
+
+class Program:
+    """A built program and the VM that runs it: `program(*inputs)` once `bind_weights`.
+    Its `name` and `ops` are what the kernel cache's marker records."""
+
+    name = "program"
+    ops: tuple = ()
+
+    def __init__(self, executable, weight_names: list, launches: int, script: str = ""):
+        self.executable, self.weight_names, self.launches, self.script = executable, weight_names, launches, script
+        self.vm = relax.VirtualMachine(executable, tvm.cpu())
+        self._main = self.vm["main"]
+        self._weights = None
+        self._lock = threading.Lock()  # a VM runs one call at a time (its frames are its own state)
+        self.calls = 0  # forwards run (tests read it: one VM call per forward)
+
+    def bind_weights(self, constants: dict) -> "Program":
+        """The weights, as TVM tensors sharing torch's memory (converted once)."""
+        tensors = [tvm.runtime.from_dlpack(kernel_ready(constants[name])) for name in self.weight_names]
+        self._weights = tvm.runtime.convert(tensors)
+        return self
+
+    def __call__(self, *inputs):
+        if self._weights is None:
+            raise RuntimeError("Program.bind_weights must be called before the program runs")
+        inputs = [kernel_ready(t) for t in inputs]
+        with self._lock:
+            self.calls += 1
+            results = self._main(*inputs, self._weights)
+        return tuple(torch.from_dlpack(r) for r in results)
+
+    def save(self, directory) -> None:
+        """program.so (export_library), program.json (weights, launches), program.relax."""
+        directory = Path(directory)
+        self.executable.export_library(str(directory / LIBRARY))
+        (directory / DESCRIPTION).write_text(json.dumps({"weights": self.weight_names, "launches": self.launches}))
+        (directory / SCRIPT).write_text(self.script)
+
+    @staticmethod
+    def load(directory) -> "Program":
+        """What `save` wrote, without building anything."""
+        directory = Path(directory)
+        description = json.loads((directory / DESCRIPTION).read_text())
+        executable = tvm.runtime.load_module(str(directory / LIBRARY))
+        script = (directory / SCRIPT).read_text() if (directory / SCRIPT).exists() else ""
+        return Program(executable, description["weights"], description["launches"], script)

@@ -1,0 +1,148 @@
+"""The cpu program (codegen/tvm/program.py): a whole graph as one Relax VM call.
+
+Each model is compiled once; its program runs beside the Python executor (the reference,
+kernel by kernel over the same kernels) on batches that take every branch the program
+decides in the VM: prefill (gemm, query tiles), several decode rows (gemv, one row per
+tile) and one row (gemv1). The VM's instrument counts the calls a forward makes.
+"""
+import pytest
+import torch
+
+import fuselm
+from fuselm.api import compile_lm
+from fuselm.models import bert, gpt2, llama
+from fuselm.models.config import BertConfig, GPT2Config, LlamaConfig
+from fuselm.models.contract import pack_prompts
+from fuselm.models.loading import LoadedModel
+
+BATCHES = {  # prompt lengths: a prefill over the GEMV row limit, decode-like rows, one row
+    "prefill": (7, 13),
+    "rows": (1, 1, 1),
+    "one": (1,),
+}
+
+
+def _lm(config, model_class):
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    for p in model.parameters():  # weights away from init values, so every op matters
+        p.data.add_(torch.randn_like(p) * 0.02)
+    return LoadedModel(model, None, config, None)
+
+
+MODELS = {
+    "llama": lambda: _lm(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+                         llama.LlamaForCausalLM),
+    "gpt2": lambda: _lm(GPT2Config(vocab_size=101, n_positions=64, n_embd=48, n_layer=2, n_head=3), gpt2.GPT2LMHeadModel),
+}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("program_cache"))
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def compiled_lm(request, cache_dir):
+    loaded = MODELS[request.param]()
+    compiled = compile_lm(loaded, "cpu", 16, torch.float32, cache_dir)
+    return loaded.config, compiled, compiled.entries[-1]
+
+
+def _inputs(config, lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    return pack_prompts(config, prompts).as_tuple()
+
+
+def _called_functions(program, run):
+    """The functions the VM calls while `run()` runs, by name, in order."""
+    names = []
+
+    def instrument(func, name, before_run, ret_value, *args):
+        if before_run:
+            names.append(str(name))
+        return 0
+
+    program.vm.set_instrument(instrument)
+    try:
+        run()
+    finally:
+        program.vm.set_instrument(lambda *args: 0)
+    return names
+
+
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+def test_program_equals_the_python_executor(compiled_lm, batch):
+    config, compiled, entry = compiled_lm
+    assert entry.program is not None
+    inputs = _inputs(config, BATCHES[batch])
+    reference_inputs = tuple(t.clone() for t in inputs)
+    calls = entry.program.calls
+    logits = compiled(*inputs)
+    assert entry.program.calls == calls + 1  # the whole forward is one VM call
+    reference = entry._executor(*reference_inputs)
+    torch.testing.assert_close(logits, reference[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inputs[2], reference_inputs[2], rtol=1e-5, atol=1e-5)  # the KV cache
+
+
+def test_kv_cache_is_written_in_place_in_the_callers_tensor(compiled_lm):
+    config, compiled, entry = compiled_lm
+    inputs = _inputs(config, BATCHES["prefill"])
+    cache = inputs[2]
+    address, before = cache.data_ptr(), cache.clone()
+    called = _called_functions(entry.program, lambda: compiled(*inputs))
+    assert cache.data_ptr() == address and not torch.equal(cache, before)
+    assert not any("copy" in name.lower() and "cache" in name.lower() for name in called)
+
+
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+def test_one_call_tir_per_kernel_launch_and_nothing_from_python(compiled_lm, batch):
+    config, compiled, entry = compiled_lm
+    inputs = _inputs(config, BATCHES[batch])
+    called = _called_functions(entry.program, lambda: compiled(*inputs))
+    kernels = [name for name in called if "__" in name]  # our kernels' functions are <kernel>__<form>
+    assert len(kernels) == entry.program.launches
+    # everything else the VM calls is its own builtins or a kernel Relax legalized (views)
+    others = {name for name in called if "__" not in name}
+    assert all(name.startswith("vm.builtin.") or not name.startswith(("fuselm", "python")) for name in others), others
+
+
+def test_encoder_program_equals_the_executor_at_two_shapes(cache_dir):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=90, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                        intermediate_size=80, max_position_embeddings=64)
+    model = bert.BertModel(config).eval()
+    ids = torch.randint(0, 90, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.int64)
+    compiled = fuselm.compile(model, (ids, mask), target="cpu", dynamic=True, cache_dir=cache_dir)
+    entry = compiled.entries[-1]
+    assert entry.program is not None
+    for batch, seq in ((2, 9), (3, 37)):
+        ids = torch.randint(0, 90, (batch, seq))
+        mask = torch.ones(batch, seq, dtype=torch.int64)
+        mask[0, seq // 2 :] = 0  # padding: the mask reaches attention
+        got = compiled(ids, mask)
+        reference = entry._executor(ids, mask)
+        torch.testing.assert_close(got, reference if isinstance(reference, torch.Tensor) else reference[0],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], model(ids, mask)[1], rtol=1e-4, atol=1e-4)
+    assert len(compiled.entries) == 1  # the second shape reused the program
+
+
+def test_second_compile_builds_no_program(compiled_lm, cache_dir):
+    from fuselm.codegen.cache import program_stats, stats
+
+    config, compiled, entry = compiled_lm
+    runs, builds = stats["codegen_runs"], program_stats["codegen_runs"]
+    loaded = MODELS["llama" if isinstance(config, LlamaConfig) else "gpt2"]()
+    again = compile_lm(loaded, "cpu", 16, torch.float32, cache_dir)
+    assert again.entries[-1].program is not None
+    assert stats["codegen_runs"] == runs and program_stats["codegen_runs"] == builds
+
+
+def test_program_off_runs_the_executor(monkeypatch, cache_dir):
+    monkeypatch.setenv("FUSELM_PROGRAM", "0")
+    compiled = compile_lm(MODELS["llama"](), "cpu", 16, torch.float32, cache_dir)
+    assert compiled.entries[-1].program is None
