@@ -146,3 +146,37 @@ def test_program_off_runs_the_executor(monkeypatch, cache_dir):
     monkeypatch.setenv("FUSELM_PROGRAM", "0")
     compiled = compile_lm(MODELS["llama"](), "cpu", 16, torch.float32, cache_dir)
     assert compiled.entries[-1].program is None
+
+
+def test_two_threads_share_one_program(compiled_lm):
+    import threading
+
+    config, compiled, entry = compiled_lm
+    batches = [_inputs(config, BATCHES["prefill"], seed=s) for s in range(4)]
+    alone = [compiled(*tuple(t.clone() for t in b)) for b in batches]
+    results = [None] * len(batches)
+
+    def run(i):
+        for _ in range(3):
+            results[i] = compiled(*tuple(t.clone() for t in batches[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got, expected in zip(results, alone):
+        assert torch.equal(got, expected)
+
+
+def test_unaligned_and_strided_inputs_are_read_correctly(compiled_lm):
+    config, compiled, entry = compiled_lm
+    inputs = list(_inputs(config, BATCHES["prefill"]))
+    expected = compiled(*tuple(t.clone() for t in inputs))
+    ids = inputs[0]
+    padded = torch.zeros(ids.numel() + 1, dtype=ids.dtype)
+    padded[1:] = ids
+    inputs[0] = padded[1:]  # 8 bytes past an aligned start
+    inputs[1] = torch.stack([inputs[1], inputs[1]], dim=1)[:, 0]  # strided
+    inputs[2] = inputs[2].clone().zero_()
+    torch.testing.assert_close(compiled(*inputs), expected, rtol=0, atol=0)
