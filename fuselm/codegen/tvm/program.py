@@ -52,16 +52,20 @@ class ProgramContext:
     """What an emitter's `program_call` uses to place its kernel in the program: sizes of
     the group's symbols in the program's variables, calls, reshapes and choices."""
 
-    def __init__(self, builder: "ProgramBuilder", group: Graph, args: list):
+    def __init__(self, builder: "ProgramBuilder", group: Graph, arg_types: list, outer: "ProgramContext" = None):
+        """`arg_types`: the types of what the group's inputs are bound to, in the symbols of
+        the graph, or of `outer` (views placed inside a kernel's step)."""
         self.builder = builder
-        self.symbols = _symbol_map(group.inputs, [a.type for a in args])
+        self.symbols = _symbol_map(group.inputs, arg_types)
+        self.outer = outer
 
     # -- sizes
     def size(self, dim) -> tirx.PrimExpr:
         """A dim of the group (int or expression over its symbols) in program variables."""
         if isinstance(dim, int):
             return tirx.IntImm("int64", dim)
-        return self.builder.dims(sympy.sympify(dim).subs(self.symbols))
+        dim = sympy.sympify(dim).subs(self.symbols)
+        return self.outer.size(dim) if self.outer is not None else self.builder.dims(dim)
 
     def shape(self, ir_type: TensorType) -> list:
         return [self.size(d) for d in ir_type.shape]
@@ -207,7 +211,7 @@ class ProgramBuilder:
         if step.cache_layer is not None:
             at = 0 if step.result.op == "kv_cache_write" else 1
             args[at] = self._cache_layer(args[at], step.args[at].type, step.cache_layer)
-        context = ProgramContext(self, step.graph, list(step.args))
+        context = ProgramContext(self, step.graph, [v.type for v in step.args])
         if plan.core is step.graph:
             operands = [self._materialized(a) for a in args]
         else:  # the views around the heavy op, then the op alone
@@ -215,7 +219,7 @@ class ProgramBuilder:
             for node in plan.before:
                 local[node] = self._view(node, local[node.inputs[0]], node.inputs[0].type, context)
             operands = [self._materialized(local[v]) for v in plan.operands]
-            context = ProgramContext(self, plan.core, [_typed(v, context) for v in plan.operands])
+            context = ProgramContext(self, plan.core, [v.type for v in plan.operands], outer=context)
         result = plan.emitter.program_call(plan.core, {form: f"{name}__{form}" for form in funcs}, operands, context)
         self.launches += 1
         if step.cache_layer is not None and step.result.op == "kv_cache_write":
@@ -245,18 +249,19 @@ class ProgramBuilder:
 
     # -- views
     def _view(self, node, value, input_type: TensorType, context: ProgramContext = None):
-        """A view step: reshape is free; a part of a stacked result is that output; other
-        views are copy kernels (lowered as a one-node fused group)."""
-        size = context.size if context is not None else (lambda d: self.dims(d))
+        """A view step (`context`: of the kernel step it is inside, if it is): reshape is
+        free; a part of a stacked result is that output; other views are copy kernels
+        (the view lowered as a one-node fused group)."""
+        size = context.size if context is not None else self.dims
         if isinstance(value, Stacked):
             if node.op == "select" and node.attrs["dim"] in (0, -input_type.rank):
                 return value.parts[node.attrs["index"]]
             value = self._materialized(value)
         if node.op == "reshape":
             return self.reshape(value, [size(d) for d in node.type.shape])
-        return self._copy_view(node, value, input_type, size)
+        return self._copy_view(node, value, input_type, context)
 
-    def _copy_view(self, node, value, input_type: TensorType, size) -> relax.Expr:
+    def _copy_view(self, node, value, input_type: TensorType, outer: ProgramContext) -> relax.Expr:
         from ...ir.graph import GraphBuilder
         from ...passes.partition import canonical_symbols
         from . import elementwise
@@ -266,9 +271,7 @@ class ProgramBuilder:
         out = builder.op(node.op, x, **node.attrs)
         group = canonical_symbols(builder.build([out]))
         name, funcs = self._funcs(group, _ViewPlan(group, elementwise))
-        context = ProgramContext(self, group, [_TypedValue(input_type)])
-        context.size = lambda d, s=size, c=context: s(sympy.sympify(d).subs(c.symbols)) if not isinstance(d, int) \
-            else tirx.IntImm("int64", d)
+        context = ProgramContext(self, group, [input_type], outer=outer)
         self.launches += 1
         return elementwise.program_call(group, {form: f"{name}__{form}" for form in funcs}, [value], context)
 
@@ -282,17 +285,6 @@ class ProgramBuilder:
 class _ViewPlan:
     core: Graph
     emitter: object
-
-
-@dataclass
-class _TypedValue:
-    type: TensorType
-
-
-def _typed(value, context: ProgramContext):
-    """A core operand (a value of the group) with its type in the parent's symbols."""
-    return _TypedValue(value.type.with_shape([sympy.sympify(d).subs(context.symbols) if not isinstance(d, int)
-                                              else d for d in value.type.shape]))
 
 
 def _symbol_map(inputs: list, parent_types: list) -> dict:
