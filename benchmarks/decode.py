@@ -13,6 +13,11 @@ request whatever the model says: `ignore_eos` / `min_new_tokens`):
 - fuselm's KV-cache utilization with 16 requests of 128 prompt + 128 new tokens
   (`engine.stats.mean_kv_utilization`), and the serving process's peak resident memory.
 
+On cpu fuselm runs three times, each alone: as one native program a forward (the
+default), kernel by kernel from the Python executor (FUSELM_PROGRAM=0), and from the
+artifact `fuselm build` makes (with its build time, `LLM(model=DIR)`'s start-up, and the
+first token of `fuselm generate --model DIR` counted from its process's start).
+
 fuselm runs first, alone, in a subprocess of this script (`--serve-only`, which prints
 its results as JSON), so `ru_maxrss` counts fuselm and nothing else (and shows whether
 triton was imported: on cpu it must not be). Its prompts' token ids go on to the peers,
@@ -121,14 +126,15 @@ def random_shapes() -> dict:
     }
 
 
-def build_llm(settings: Settings):
-    """SmolLM2 with real weights (cpu), or a random-weight model in bf16 (cuda)."""
+def build_llm(settings: Settings, model: str = "smollm2-135m"):
+    """SmolLM2 with real weights (cpu; `model` may be its built artifact), or a
+    random-weight model in bf16 (cuda)."""
     from fuselm import LLM
 
     options = dict(max_model_len=settings.max_model_len, max_num_seqs=settings.requests,
                    block_size=BLOCK_SIZE, enable_prefix_caching=False)
     if settings.target == "cpu":
-        return LLM("smollm2-135m", target="cpu", kv_cache_bytes=None, **options)
+        return LLM(model, target="cpu", kv_cache_bytes=None, **options)
     return random_llm(random_shapes()[settings.shape], settings.target, **options)
 
 
@@ -193,9 +199,9 @@ def kv_utilization(llm, settings: Settings) -> dict:
     return {"mean": stats.mean_kv_utilization, "preemptions": stats.preemptions, "steps": stats.steps, **run}
 
 
-def serve(settings: Settings) -> dict:
+def serve(settings: Settings, model: str = "smollm2-135m") -> dict:
     start = time.perf_counter()
-    llm = build_llm(settings)
+    llm = build_llm(settings, model)
     build_s = time.perf_counter() - start
     prompts = serving_prompts(llm, settings)
     warm = [p[::-1] for p in prompts]  # same lengths, other tokens
@@ -261,13 +267,44 @@ def profile_decode(engine, prompts: list, steps: int = 16) -> dict:
             "top_kernels": [(name[:60], t / 1e3 / steps, count / steps) for name, t, count in kernels[:12]]}
 
 
-def run_fuselm(args) -> dict:
+def run_fuselm(args, model: str = "smollm2-135m", env: Optional[dict] = None) -> dict:
     """`serve` in a fresh process; its stderr (progress) passes through."""
     command = [sys.executable, str(Path(__file__).resolve()), "--serve-only", "--target", args.target,
-               "--shape", args.shape] + (["--quick"] if args.quick else [])
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+               "--shape", args.shape, "--model", model] + (["--quick"] if args.quick else [])
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env={**os.environ, **(env or {})})
     line = next(line for line in reversed(done.stdout.splitlines()) if line.startswith(RESULT_TAG))
     return json.loads(line[len(RESULT_TAG):])
+
+
+def build_artifact(settings: Settings, directory: Path) -> float:
+    """`fuselm build` of SmolLM2 for cpu (seconds, warm kernel cache: what a rebuild costs)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fuselm.build", "smollm2-135m", "-o", str(directory), "--target", "cpu",
+                    "--max-model-len", str(settings.max_model_len)], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def first_token_from_artifact(directory: Path) -> dict:
+    """`fuselm generate --model DIR`: seconds from the process's start to its first token
+    on stdout (tokens are printed as they come), and to its exit."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "fuselm", "generate", "--model", str(directory),
+                                "--max-tokens", "8", "The capital of France is"], stdout=subprocess.PIPE)
+    process.stdout.read(1)
+    first = time.perf_counter() - start
+    process.communicate()
+    return {"first_token_s": first, "exit_s": time.perf_counter() - start}
+
+
+def run_cpu_variants(args, settings: Settings) -> dict:
+    """The one-program default, the Python executor, and the built artifact, each alone."""
+    variants = {"program": run_fuselm(args), "executor": run_fuselm(args, env={"FUSELM_PROGRAM": "0"})}
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch) / "smollm2-cpu"
+        build_s = build_artifact(settings, directory)
+        variants["artifact"] = {**run_fuselm(args, model=str(directory)), "artifact_build_s": build_s,
+                                **first_token_from_artifact(directory)}
+    return variants
 
 
 # ------------------------------------------------------------------- cpu peers
@@ -393,13 +430,15 @@ def print_fuselm_facts(fuselm: dict, settings: Settings) -> None:
           + (f" ({verdict(not fuselm['triton_imported'])}: must be no on cpu)" if settings.target == "cpu" else ""))
 
 
-def report_cpu(settings: Settings, fuselm: dict, hf: dict, llama: Optional[dict]) -> None:
-    n = settings.requests
+def report_cpu(settings: Settings, variants: dict, hf: dict, llama: Optional[dict]) -> None:
+    n, fuselm, executor, artifact = settings.requests, variants["program"], variants["executor"], variants["artifact"]
     llama_missing = Row("llama.cpp: not installed (pip install llama-cpp-python)", None)
     print(f"\nSmolLM2-135M-Instruct greedy decode on cpu, {settings.new_tokens} new tokens per request")
     print(f"    {'system':<52}{'tok/s':>9}{'fuselm / it':>14}   target")
     print_group("batch 1 (decode tok/s after the first token)", [
-        Row("fuselm fp32", fuselm["single"]["decode_tok_s"]),
+        Row("fuselm fp32 (one program a forward)", fuselm["single"]["decode_tok_s"]),
+        Row("fuselm fp32, kernel by kernel (Python executor)", executor["single"]["decode_tok_s"], target=1.1),
+        Row("fuselm fp32, served from its artifact", artifact["single"]["decode_tok_s"], note="same program"),
         Row("transformers eager fp32", hf["single"], target=1.1),
         Row("llama.cpp Q4_1, 2 threads", llama["single"]) if llama else llama_missing,
     ])
@@ -409,6 +448,10 @@ def report_cpu(settings: Settings, fuselm: dict, hf: dict, llama: Optional[dict]
         Row(f"llama.cpp Q4_1, {n} requests one at a time", llama["batch"], target=2.0) if llama else llama_missing,
     ])
     print_fuselm_facts(fuselm, settings)
+    print(f"  artifact: fuselm build {artifact['artifact_build_s']:.1f} s (warm kernel cache); LLM(model=DIR) "
+          f"{artifact['build_s']:.2f} s (vs {fuselm['build_s']:.1f} s load + compile, warm cache); "
+          f"`fuselm generate --model DIR` first token {artifact['first_token_s']:.2f} s after its start "
+          f"(target 4.5 s: {verdict(artifact['first_token_s'] <= 4.5)}), exit {artifact['exit_s']:.2f} s")
     ours, theirs = fuselm["single"]["token_ids"], hf["token_ids"]
     eos = next((i for i, t in enumerate(ours) if t in fuselm["eos_token_ids"]), None)
     print(f"  greedy tokens, fuselm vs transformers (batch 1): first {leading_agreement(ours, theirs)} of "
@@ -473,6 +516,7 @@ def parse_args():
     parser.add_argument("--anchor", help="cuda: path of gpu_anchor.py (default: .anchor/ or shared/tools/)")
     parser.add_argument("--no-anchor", action="store_true", help="cuda: skip the torch baseline")
     parser.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)  # the fuselm subprocess
+    parser.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)  # its model (or artifact)
     return parser.parse_args()
 
 
@@ -480,19 +524,21 @@ def main() -> None:
     args = parse_args()
     settings = Settings.from_args(args)
     if args.serve_only:
-        print(RESULT_TAG + json.dumps(serve(settings)), flush=True)
+        print(RESULT_TAG + json.dumps(serve(settings, args.model)), flush=True)
         return
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}", flush=True)
+    if settings.target == "cpu":
+        variants = run_cpu_variants(args, settings)
+        prompts = variants["program"]["prompts"]
+        hf = time_transformers(prompts, settings.new_tokens, pad=variants["program"]["eos_token_ids"][0])
+        llama = time_llama_cpp(prompts, settings.new_tokens, n_ctx=settings.max_model_len)
+        report_cpu(settings, variants, hf, llama)
+        return
     fuselm = run_fuselm(args)
     if settings.target == "cuda":
         anchor_path = None if args.no_anchor else find_anchor(args.anchor)
         report_cuda(settings, fuselm, run_gpu_anchor(anchor_path) if anchor_path else None)
-        return
-    prompts = fuselm["prompts"]
-    hf = time_transformers(prompts, settings.new_tokens, pad=fuselm["eos_token_ids"][0])
-    llama = time_llama_cpp(prompts, settings.new_tokens, n_ctx=settings.max_model_len)
-    report_cpu(settings, fuselm, hf, llama)
 
 
 if __name__ == "__main__":

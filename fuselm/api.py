@@ -32,7 +32,7 @@ from typing import Optional, Union
 
 import torch
 
-from .codegen.cache import KernelCache, program_stats
+from .codegen.cache import KernelCache, program_cache
 from .codegen.dump import write_kernel_dump
 from .codegen.kernel import Kernel
 from .errors import FallbackWarning, FuselmError, UnsupportedKernelError
@@ -43,7 +43,7 @@ from .ir.graph import Graph
 from .ir.registry import get_op
 from .passes import run_passes
 from .passes.partition import KernelGroup, partition
-from .runtime.compiled_graph import CompiledGraph, KernelInfo  # noqa: F401  (fuselm.api.KernelInfo)
+from .runtime.compiled_graph import CompiledGraph, KernelInfo  # noqa: F401  (KernelInfo: re-exported)
 from .runtime.executor import interpreted_kernel
 from .target import Target, get_target
 
@@ -238,10 +238,8 @@ def _program(graph: Graph, fallbacks: Counter, options: CompileOptions, cache: K
     target = options.target
     if not target.programs or fallbacks or os.environ.get("FUSELM_PROGRAM", "1") == "0":
         return None
-    programs = KernelCache(target, cache.root, cache.backend.PROGRAMS, folder=f"{target.name}-programs",
-                           counts=program_stats)
     try:
-        program = programs.kernel(graph)
+        program = program_cache(target, cache.root).kernel(graph)
     except Exception as error:  # the kernel-by-kernel path still runs the graph
         if options.strict:
             raise

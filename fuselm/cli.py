@@ -1,6 +1,8 @@
-"""The `fuselm` command line: `generate`, `chat`, `serve`, `models`, `ir` and `inspect`.
+"""The `fuselm` command line: `generate`, `chat`, `serve`, `build`, `models`, `ir` and `inspect`.
 
     fuselm generate "What is the capital of France?"     # SmolLM2 on the best target
+    fuselm build smollm2-135m -o smollm2.fuselm          # compile once: an artifact directory
+    fuselm generate --model smollm2.fuselm "Hello"       # served from it, nothing compiled
     fuselm chat --model PATH --target cpu                # an interactive conversation
     fuselm serve --port 8000                             # an OpenAI-compatible server
     fuselm inspect DUMP_DIR [--kernel NAME | --graph g.svg | --profile]  # the kernels
@@ -74,25 +76,35 @@ def cmd_ir(args) -> int:
 
 
 def announce_loading(model: str) -> None:
-    print(f"fuselm: loading {model} and compiling it (kernels are cached after the first run)",
-          file=sys.stderr, flush=True)
+    from .artifact.format import is_artifact
+
+    doing = "loading the artifact" if is_artifact(model) else "loading"
+    after = "" if is_artifact(model) else " and compiling it (kernels are cached after the first run)"
+    print(f"fuselm: {doing} {model}{after}", file=sys.stderr, flush=True)
 
 
 def make_llm(args):
     announce_loading(args.model)
     from .llm import LLM
 
-    return LLM(args.model, target=args.target, max_model_len=args.max_model_len, max_num_seqs=1)
+    llm = LLM(args.model, target=args.target, max_model_len=args.max_model_len, max_num_seqs=1)
+    if args.max_model_len is None:  # the model's (or artifact's) context: checked now that it is known
+        check_room(args.max_tokens, llm.engine.max_model_len, "the model's context of")
+    return llm
 
 
 def sampling_params(args):
     from .sampling_params import SamplingParams
 
-    if args.max_tokens >= args.max_model_len:
-        raise ValueError(f"--max-tokens {args.max_tokens} leaves no room for the prompt in "
-                         f"--max-model-len {args.max_model_len}")
+    if args.max_model_len is not None:
+        check_room(args.max_tokens, args.max_model_len, "--max-model-len")
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                           max_tokens=args.max_tokens)
+
+
+def check_room(max_tokens: int, max_model_len: int, spelled: str) -> None:
+    if max_tokens >= max_model_len:
+        raise ValueError(f"--max-tokens {max_tokens} leaves no room for the prompt in {spelled} {max_model_len}")
 
 
 def stream_reply(llm, prompt, params) -> str:
@@ -152,6 +164,21 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    from .artifact.builder import build, check_options
+
+    replacing = check_options(args.output, args.build_target, args.mcpu, args.quantize)
+    print(f"fuselm: building {args.model} for {args.build_target} into {args.output}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    compiled = build(args.model, args.output, target=args.build_target, max_model_len=args.max_model_len,
+                     mcpu=args.mcpu, quantize=args.quantize)
+    kernels = compiled.kernels
+    print(f"fuselm: wrote {args.output}{' (replacing the artifact that was there)' if replacing else ''}: "
+          f"{len(kernels)} kernels, {sum(k.launches for k in kernels)} launches, in "
+          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
 def refuse_unavailable_target(args) -> None:
     """A --target this machine cannot run fails now, not after the model has loaded."""
     if getattr(args, "target", None):
@@ -187,11 +214,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="a named model (see `fuselm models`) or a local path")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="a named model (see `fuselm models`), a local path, or an artifact of `fuselm build`")
     parser.add_argument("--target", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="where the kernels run (auto: cuda when a GPU is visible)")
-    parser.add_argument("--max-model-len", type=int_in_range(1), default=2048,
-                        help="context length in tokens (prompt + reply)")
+                        help="where the kernels run (auto: cuda when a GPU is visible; an artifact's own target)")
+    parser.add_argument("--max-model-len", type=int_in_range(1), default=None,
+                        help="context length in tokens (prompt + reply); unset: an artifact's, else the "
+                        "model's up to 2048")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -216,6 +245,21 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int_in_range(1), default=16, help="sequences batched in one step")
 
 
+def add_build_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a named model (see `fuselm models`), a Hugging Face directory or a .gguf file")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR",
+                        help="the artifact directory to write (an artifact there is replaced)")
+    # dest differs from the other commands' `target`: building cuda kernels needs no GPU
+    parser.add_argument("--target", dest="build_target", default="cpu", choices=["cpu", "cuda"],
+                        help="where the artifact's kernels will run")
+    parser.add_argument("--max-model-len", type=int_in_range(1), default=None,
+                        help="context length served by default; unset: the model's, up to 2048")
+    parser.add_argument("--mcpu", default="native", choices=["native", "generic"],
+                        help="cpu kernels for this machine's CPU, or for any x86-64 with AVX2")
+    parser.add_argument("--quantize", default="none", metavar="SCHEME",
+                        help="weight quantization (not implemented yet: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fuselm", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_options(chat)
     serve = command("serve", cmd_serve, "an OpenAI-compatible HTTP server (needs `pip install 'fuselm[serve]'`)")
     add_serve_options(serve)
+    build = command("build", cmd_build, "compile a model once into an artifact directory, which "
+                    "`fuselm.load`, `fuselm.LLM(model=DIR)` and `--model DIR` load with no compiling")
+    add_build_options(build)
     models = command("models", cmd_models, "list the named models, or fetch one")
     models.add_argument("--fetch", metavar="NAME", help="download a named model into the cache")
     ir = command("ir", cmd_ir, "capture a named or local model and print its IR")

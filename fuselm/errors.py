@@ -31,3 +31,9 @@ class IntegrityError(FuselmError):
 
 class KernelCacheWarning(UserWarning):
     """A kernel cache entry on disk was corrupt or could not be loaded: it was rebuilt."""
+
+
+class ArtifactError(FuselmError):
+    """An ahead-of-time artifact (`fuselm build`) that cannot be built or loaded here: a
+    file missing or changed, another format, fuselm/torch/compiler version, target or CPU;
+    the message names the problem and, where rebuilding fixes it, the command."""

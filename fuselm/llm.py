@@ -5,6 +5,7 @@
     stream = llm.stream("Once upon a time", SamplingParams(max_tokens=64))
     for piece in stream: ...                    # then stream.output is its RequestOutput
     reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}])
+    llm = fuselm.LLM(model="smollm2.fuselm")    # an artifact of `fuselm build`: nothing compiles
 
 Every call is a consumer of one engine loop (runtime/engine_loop.py): the engine steps
 on its own thread and each request's outputs go to that request's stream, so calls from
@@ -23,7 +24,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from .runtime.engine import LLMEngine
+from .runtime.engine import DEFAULT_BLOCK_SIZE, LLMEngine
 from .runtime.engine_loop import EngineLoop, RequestStream
 from .runtime.request import RequestOutput
 from .sampling_params import SamplingParams
@@ -36,23 +37,30 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m", target: str = "auto", *, dtype: Optional[torch.dtype] = None,
                  max_model_len: Optional[int] = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
-                 block_size: int = 16, enable_prefix_caching: bool = True, cache_dir: Optional[str] = None,
-                 enforce_eager: bool = False):
-        """`enforce_eager`: on cuda, run decode steps kernel by kernel instead of replaying
-        CUDA graphs (vLLM's option of that name)."""
-        from .models import load
+                 block_size: Optional[int] = None, enable_prefix_caching: bool = True,
+                 cache_dir: Optional[str] = None, enforce_eager: bool = False):
+        """`model`: a named model, a Hugging Face directory or .gguf file (loaded and
+        compiled now), or an artifact directory of `fuselm build` (loaded: its tokenizer,
+        config and compiled forward; `max_model_len` defaults to what it was built with,
+        `target="auto"` is its target, and `dtype` and `block_size` are its own).
+        `block_size`: tokens per KV-cache block (default 16). `enforce_eager`: on cuda, run
+        decode steps kernel by kernel instead of replaying CUDA graphs (vLLM's option)."""
+        from .artifact.format import is_artifact
 
-        self.target = get_target(target)
-        if dtype is None:
-            dtype = self.target.default_dtype
-        with self.target.importing():
-            loaded = load(model, dtype=dtype)
-            self.tokenizer = loaded.tokenizer
-            self.engine = LLMEngine(loaded, self.target, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
-                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-                                    cache_dir=cache_dir, enforce_eager=enforce_eager,
-                                    donate_weights=True)  # the model is ours alone
+        options = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
+                       enable_prefix_caching=enable_prefix_caching, cache_dir=cache_dir, enforce_eager=enforce_eager)
+        if is_artifact(model):
+            self.engine = _artifact_engine(model, target, dtype, block_size, options)
+        else:
+            from .models import load
+
+            target = get_target(target)
+            with target.importing():
+                loaded = load(model, dtype=dtype or target.default_dtype)
+                self.engine = LLMEngine(loaded, target, block_size=block_size or DEFAULT_BLOCK_SIZE,
+                                        donate_weights=True, **options)  # the model is ours alone
+        self.target, self.tokenizer = self.engine.target, self.engine.tokenizer
         self.loop = EngineLoop(self.engine)
 
     @classmethod
@@ -106,6 +114,27 @@ class LLM:
             if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
                 raise TypeError(f"messages[{index}] must be a dict with str 'role' and 'content', got {message!r:.80}")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def _artifact_engine(directory, target, dtype, block_size, options: dict) -> LLMEngine:
+    """An engine on the artifact at `directory`: its tokenizer and config, its loaded
+    forward, and by default the context length it was built with."""
+    from .artifact import load
+    from .errors import ArtifactError
+    from .models import LoadedModel
+
+    artifact = load(directory, target)
+    if artifact.block_size is None:
+        raise ArtifactError(f"{directory} holds a {artifact.config.model_type} model, not a causal language model: "
+                            "fuselm.LLM serves language models; call fuselm.load on it instead")
+    for name, asked, built in (("dtype", dtype, artifact.dtype), ("block_size", block_size, artifact.block_size)):
+        if asked is not None and asked != built:
+            raise ArtifactError(f"{directory} was built with {name}={built}, which an artifact cannot change; "
+                                f"got {name}={asked}")
+    options = {**options, "max_model_len": options["max_model_len"] or artifact.max_model_len}
+    loaded = LoadedModel(model=None, tokenizer=artifact.tokenizer, config=artifact.config, source=artifact.path)
+    return LLMEngine(loaded, artifact.target, forward=artifact, dtype=artifact.dtype, block_size=artifact.block_size,
+                     **options)
 
 
 class TextStream:

@@ -66,6 +66,13 @@ def register_key_setting(backend: str, setting: Callable[[], str]) -> None:
     _key_settings[backend] = setting
 
 
+def program_cache(target, root: Optional[Path] = None) -> "KernelCache":
+    """The cache of whole-graph programs (the target backend's PROGRAMS), beside `root`'s
+    kernels in `<root>/<target>-programs`, counted in `program_stats`."""
+    backend = importlib.import_module(target.backend)
+    return KernelCache(target, root, backend.PROGRAMS, folder=f"{target.name}-programs", counts=program_stats)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FUSELM_CACHE", "~/.cache/fuselm")).expanduser() / "kernels"
 

@@ -93,7 +93,7 @@ def profile(compiled, tokens: int = 1, batch: int = 1, context: int | None = Non
 def profile_source(source, tokens: int = 1, batch: int = 1, context: int | None = None, dims: dict | None = None,
                    target: str | None = None, cache_dir: str | None = None,
                    ceilings: Ceilings | None = None) -> Profile:
-    """Profile the kernels of an InspectSource (a dump directory): see the module docstring."""
+    """Profile the kernels of an InspectSource (an artifact or a dump directory): see the module docstring."""
     from ..target import get_target
 
     target = get_target(target or source.target_name())
@@ -102,7 +102,9 @@ def profile_source(source, tokens: int = 1, batch: int = 1, context: int | None 
     symbol_sizes(graph.inputs, tokens, batch, context, dims)  # refuse bad sizes before loading any kernel
     graph.constants.update(target.prepare_weights(graph.constants))
     steps = partition(graph)
-    kernels = _load_kernels([s for s in steps if isinstance(s, KernelGroup)], target, cache_dir)
+    groups = [s for s in steps if isinstance(s, KernelGroup)]
+    own = getattr(source, "load_kernels", None)  # an artifact runs its own kernels
+    kernels = own(groups, target) if own is not None else _load_kernels(groups, target, cache_dir)
     _check_same_kernels(source, steps, kernels)
     return profile_steps(graph, steps, lambda group: kernels[id(group)], target, tokens, batch, context, dims,
                          ceilings)

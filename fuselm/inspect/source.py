@@ -2,7 +2,7 @@
 
 Everything else in this package asks an `InspectSource` and never reads the directory
 itself, so a second kind of directory (the ahead-of-time artifact: manifest.json, graph.ir, kernels)
-is one more class with the same methods, picked by `open_source`.
+is one more class with the same methods (artifact_source.py), picked by `open_source`.
 
 A dump directory is what `fuselm.compile(..., dump_dir=DIR)` writes (passes/manager.py
 and codegen/dump.py): `NN_<pass>.ir` after each pass, `kernels/<name>.<ext>` and
@@ -107,11 +107,16 @@ def open_source(path) -> InspectSource:
     """The inspectable thing at `path`; an InspectError says why there is none."""
     directory = Path(path)
     if not directory.is_dir():
-        raise InspectError(f"{directory} is not a directory (expected a dump_dir written by fuselm.compile)")
+        raise InspectError(f"{directory} is not a directory (expected an artifact of `fuselm build` or a "
+                           "dump_dir written by fuselm.compile)")
     if (directory / "index.json").is_file():
         return DumpSource(directory)
-    raise InspectError(f"{directory} is not a fuselm dump: it has no index.json (compile with "
-                       "dump_dir=DIR or FUSELM_DUMP=DIR to write one)")
+    if (directory / "manifest.json").is_file():
+        from .artifact_source import ArtifactSource
+
+        return ArtifactSource(directory)
+    raise InspectError(f"{directory} is neither a fuselm artifact (no manifest.json: build one with `fuselm build`) "
+                       "nor a dump (no index.json: compile with dump_dir=DIR or FUSELM_DUMP=DIR to write one)")
 
 
 class DumpSource:

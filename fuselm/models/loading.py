@@ -29,7 +29,7 @@ MODEL_CLASSES = {
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: torch.nn.Module
+    model: Optional[torch.nn.Module]  # None when an engine serves an artifact's compiled forward
     tokenizer: Optional[Tokenizer]  # None for a Hugging Face directory without tokenizer.json
     config: Any               # LlamaConfig | GPT2Config | BertConfig
     source: Path

@@ -105,6 +105,22 @@ class Tokenizer:
                    chat_template=metadata.chat_template,
                    extra_eos_token_ids=metadata.end_of_turn_ids())
 
+    def save(self, directory) -> list:
+        """Write this tokenizer as a Hugging Face directory's tokenizer files, which
+        `from_file(directory)` reads back as the same tokenizer (whatever it was built from,
+        a GGUF file's metadata included); returns the paths written."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files = {
+            "tokenizer.json": self.backend.to_str(),
+            "tokenizer_config.json": json.dumps({**self.special_tokens, "chat_template": self.chat_template},
+                                                ensure_ascii=False, indent=1),
+            "generation_config.json": json.dumps({"eos_token_id": list(self.eos_token_ids)}),
+        }
+        for name, text in files.items():
+            (directory / name).write_text(text, encoding="utf-8")
+        return [directory / name for name in files]
+
     # -- encoding -------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -44,6 +44,7 @@ from .request import Request, RequestOutput, RequestStatus
 from .sampler import Sampler, SamplingState
 from .scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV-cache block
 CUDA_MEMORY_FRACTION = 0.9  # of the free GPU memory after compiling, for the KV cache
 
 
@@ -64,16 +65,20 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, loaded, target: Union[str, Target] = "cpu", *, max_model_len: Optional[int] = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: Optional[int] = None,
-                 kv_cache_bytes: Optional[int] = None, block_size: int = 16,
+                 kv_cache_bytes: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  enable_prefix_caching: bool = True, cache_dir: Optional[str] = None, forward=None,
-                 donate_weights: bool = False, enforce_eager: bool = False):
+                 donate_weights: bool = False, enforce_eager: bool = False, dtype: Optional[torch.dtype] = None):
+        """`loaded`: a models.LoadedModel; its model is compiled here unless `forward` (a
+        compiled forward in the LM contract) is given. `dtype`: what the forward computes
+        in and the KV cache holds; None: the model's (needed when `loaded.model` is None,
+        as for a loaded artifact)."""
         if loaded.tokenizer is None:
             raise ValueError(f"{loaded.source} has no tokenizer; the engine needs one")
         target = get_target(target)
         self.config, self.tokenizer, self.target = loaded.config, loaded.tokenizer, target
-        self.max_model_len = _check_max_model_len(max_model_len, self.config)
+        self.max_model_len = check_max_model_len(max_model_len, self.config)
         _check_positive(max_num_seqs=max_num_seqs, block_size=block_size)
-        dtype = next(loaded.model.parameters()).dtype
+        dtype = dtype or next(loaded.model.parameters()).dtype
         device = target.device
         if forward is None:
             from ..api import compile_lm  # the compiler sits above the runtime
@@ -336,7 +341,8 @@ def release_module_weights(model: torch.nn.Module) -> None:
         pass
 
 
-def _check_max_model_len(max_model_len: Optional[int], config) -> int:
+def check_max_model_len(max_model_len: Optional[int], config) -> int:
+    """`max_model_len` checked against the model's positions; None: those, at most 2048."""
     limit = getattr(config, "max_position_embeddings", None) or 2048
     if max_model_len is None:
         return min(limit, 2048)

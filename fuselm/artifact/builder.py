@@ -1,0 +1,124 @@
+"""`fuselm build MODEL -o DIR`: capture and compile a model once, write it as an artifact.
+
+    build("smollm2-135m", "smollm2.fuselm", target="cpu")          # returns the compiled model
+
+MODEL is anything `fuselm.models.load` takes (a named model, a Hugging Face directory, a
+.gguf file). It is compiled as `fuselm.api.compile_lm` compiles it: a causal LM in the
+LM contract with symbolic token, sequence and block counts; an encoder (BERT) on
+(input_ids, attention_mask) with symbolic batch and sequence lengths
+(`models.contract.capture_example` gives both). The phases are: load, compile (capture,
+passes, kernels, from the kernel cache), copy the kernels, write the weights, write the
+graph, tokenizer and manifest; a progress bar shows them on a terminal.
+
+A cuda artifact can be built on a machine without a GPU: building generates the Triton
+sources and runs none of them. `mcpu="generic"` builds cpu kernels for any x86-64 with
+AVX2 instead of this machine's CPU. Quantization (`quantize=`) is not implemented yet.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Optional, Union
+
+from ..codegen.cache import KernelCache
+from ..errors import ArtifactError, FuselmError
+from ..target import Target, get_target
+from .machine import check_mcpu, code_settings, requirements
+from .verify import running_versions
+from .writer import (check_destination, describe, staged, write_artifact_manifest, write_code, write_constants,
+                     write_graph, write_tokenizer)
+
+PHASES = ("load", "capture+passes+kernels", "copy kernels", "write weights", "manifest")
+QUANTIZE_OPTIONS = ("none",)  # issue 12: int8 / int4 schemes come with the quantization passes
+
+
+def build(model: Union[str, Path], output: Union[str, Path], *, target: Union[str, Target] = "cpu",
+          max_model_len: Optional[int] = None, mcpu: str = "native", quantize: str = "none",
+          cache_dir: Optional[str] = None, progress: bool = True):
+    """Build the artifact of `model` at `output` (replacing an artifact there; refusing
+    anything else) and return the compiled model it holds (as `fuselm.compile` returns).
+    `max_model_len`: the context length served by default (None: the model's, at most
+    2048). Raises ArtifactError (or the loader's errors) with nothing written at `output`."""
+    from ..api import compile_lm  # the compiler sits above the artifact format
+    from ..models import load
+    from ..runtime.engine import DEFAULT_BLOCK_SIZE, check_max_model_len
+
+    target = get_target(target)
+    output = Path(output).absolute()
+    check_options(output, target, mcpu, quantize)  # refused before minutes of work, not after
+    with _phases(progress) as phase, staged(output) as staging, code_settings(target, mcpu):
+        phase("load")
+        loaded = load(model, dtype=target.default_dtype)
+        max_model_len = check_max_model_len(max_model_len, loaded.config)
+        phase("capture+passes+kernels")
+        causal = loaded.config.model_type != "bert"  # as models.contract.capture_example tells them apart
+        emitting = _without_running(target)
+        compiled = compile_lm(loaded, emitting, DEFAULT_BLOCK_SIZE, target.default_dtype, cache_dir,
+                              donate_weights=True)
+        graph = compiled.entries[-1]
+        if graph.fallbacks:
+            listed = ", ".join(f"{op} x{n}" for op, n in sorted(graph.fallbacks.items()))
+            raise ArtifactError(f"{model}: {listed} run without generated kernels (fallbacks), and an artifact holds "
+                                "generated kernels only: this model cannot be built into one yet")
+        source = model if isinstance(model, str) and not Path(model).exists() else str(Path(model).absolute())
+        description = describe(graph, source=source, config=loaded.config, machine=requirements(target, mcpu),
+                               dtype=target.default_dtype, max_model_len=max_model_len,
+                               block_size=DEFAULT_BLOCK_SIZE if causal else None)
+        phase("copy kernels")
+        description.update(write_code(graph, KernelCache(emitting, cache_dir), staging))
+        phase("write weights")
+        write_constants(graph, staging)
+        phase("manifest")
+        write_graph(graph, staging)
+        description["tokenizer"] = write_tokenizer(loaded.tokenizer, staging)
+        write_artifact_manifest(staging, running_versions(target), description)
+    return compiled
+
+
+def check_options(output: Path, target: Union[str, Target], mcpu: str, quantize: str) -> bool:
+    """ArtifactError for options `build` refuses; whether an artifact at `output` will be replaced."""
+    if quantize not in QUANTIZE_OPTIONS:
+        raise ArtifactError(f"--quantize {quantize}: quantization is not implemented yet (issue 12); "
+                            f"use --quantize none")
+    check_mcpu(get_target(target), mcpu)
+    return check_destination(Path(output).absolute())
+
+
+class _EmitOnly(Target):
+    """A target whose kernels are generated here and run elsewhere (cuda on a machine
+    without a GPU): nothing runs while building, so it is never refused as unavailable."""
+
+    def check_available(self, spelling: str = "target={!r}") -> None:
+        return None
+
+
+def _without_running(target: Target) -> Target:
+    """`target` if this machine can run it, else the same target only generated for."""
+    try:
+        target.check_available()
+        return target
+    except FuselmError:
+        return _EmitOnly(**{field.name: getattr(target, field.name) for field in dataclasses.fields(target)})
+
+
+@contextlib.contextmanager
+def _phases(progress: bool):
+    """`phase(name)` marks the start of each of PHASES; a bar over them on a terminal."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(PHASES), desc="fuselm build", unit="phase", leave=False, smoothing=0,
+               disable=None if progress else True, bar_format="{desc} [{n}/{total} phases done, {elapsed}]")
+    started = []
+
+    def phase(name: str) -> None:
+        if started:
+            bar.update()
+        started.append(name)
+        bar.set_description_str(f"fuselm build: {name}")
+
+    try:
+        yield phase
+        bar.update()
+    finally:
+        bar.close()

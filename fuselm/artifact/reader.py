@@ -1,0 +1,183 @@
+"""`fuselm.load(DIR)`: an artifact loaded with no capture and no code generation.
+
+The manifest is verified first (verify.py: format, versions, target, CPU, every file's
+sha256), so nothing of an artifact that fails a check is loaded. Then the graph is
+parsed from graph.ir over the memory-mapped weights, partitioned again (the same groups
+as at build: same graph, same fuselm), and each group's kernel is loaded from the
+artifact's copy of its cache entry by the target's backend (`load(group, directory)`),
+found by the same key the kernel cache gave it. On cpu the forward runs the artifact's
+program (program/, the whole graph as one Relax VM call, bound to the mapped weights);
+the kernels serve `.kernels`, `inspect` and the Python executor.
+
+The result is called as `fuselm.compile`'s result is, with the arguments of the model's
+forward (positional or by name), and returns what the model returned; `.graph`,
+`.kernels`, `.fallbacks` and `.steps` describe it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..codegen.cache import KernelCache
+from ..errors import ArtifactError
+from ..frontend.signature import CallSignature
+from ..ir.interpreter import bind_symbols
+from ..ir.text import IRParseError, parse
+from ..passes.partition import KernelGroup, partition
+from ..runtime.compiled_graph import CompiledGraph
+from ..target import Target, get_target
+from .codec import decode_output, decode_signature
+from .format import GRAPH, KERNELS, TOKENIZER, WEIGHTS, rebuild_command
+from .machine import loading_settings
+from .verify import verify
+from .weights import map_weights
+
+MAX_REMEMBERED_SHAPES = 256  # call shapes known to fit the graph (as fuselm.compile's result)
+
+
+def load(directory: Union[str, Path], target: Union[None, str, Target] = None) -> "Artifact":
+    """The artifact built by `fuselm build` at `directory`, ready to call. `target` (None
+    or "auto": the artifact's own) is checked against the artifact's; an ArtifactError
+    says what is wrong, before anything is loaded, if this machine cannot run it."""
+    directory = Path(directory)
+    manifest = verify(directory, target)
+    target = get_target(manifest["target"])
+    with target.importing():
+        compiled = _compiled_graph(directory, manifest, target)
+    return Artifact(directory, manifest, compiled)
+
+
+def _compiled_graph(directory: Path, manifest: dict, target: Target) -> CompiledGraph:
+    rebuild = rebuild_command(manifest, directory)
+    constants = map_weights(directory / WEIGHTS)
+    if target.device.type != "cpu":
+        constants = {name: tensor.to(target.device) for name, tensor in constants.items()}
+    try:
+        graph = parse((directory / GRAPH).read_text(), constants)
+    except (IRParseError, KeyError, TypeError) as error:
+        raise ArtifactError(f"{directory / GRAPH}: {error}; rebuild it: `{rebuild}`") from None
+    steps = partition(graph)
+    launches = _load_kernels(directory, manifest, target, steps, rebuild)
+    program = _load_program(directory, manifest, target, graph, rebuild)
+    return CompiledGraph(graph, steps, launches, Counter(), decode_signature(manifest["signature"]),
+                         decode_output(manifest["output"]), target, program=program)
+
+
+def _load_program(directory: Path, manifest: dict, target: Target, graph, rebuild: str):
+    """The graph's native program (cpu), its weights the mapped ones; None without one."""
+    if not manifest["program"]:
+        return None
+    backend = importlib.import_module(target.backend)
+    try:
+        program = backend.PROGRAMS.load(graph, directory / manifest["program"])
+    except Exception as error:  # whatever the backend raises for files it cannot use
+        raise ArtifactError(f"{directory / manifest['program']}: the program does not load "
+                            f"({type(error).__name__}: {error}); rebuild it: `{rebuild}`") from None
+    return program.bind_weights(graph.constants)
+
+
+def _load_kernels(directory: Path, manifest: dict, target: Target, steps: list, rebuild: str) -> list:
+    """[(group, Kernel)] for every kernel group, each distinct kernel loaded once."""
+    listed = {kernel["key"]: kernel for kernel in manifest["kernels"]}
+    kernels, launches = {}, []
+    with loading_settings(manifest["machine"]):  # the CPU the kernels were built (and keyed) for
+        keys = KernelCache(target, directory / KERNELS)  # for its keys only: nothing is generated here
+        for group in (step for step in steps if isinstance(step, KernelGroup)):
+            key = keys.key(group.graph)
+            if key not in listed:
+                raise ArtifactError(f"{directory / GRAPH} needs a kernel for [{' '.join(group.ops)}] (key {key}), "
+                                    f"which {directory / KERNELS} does not hold; rebuild it: `{rebuild}`")
+            if key not in kernels:
+                try:
+                    kernels[key] = keys.backend.load(group.graph, directory / KERNELS / key)
+                except Exception as error:  # whatever the backend raises for files it cannot use
+                    raise ArtifactError(f"{directory / KERNELS / key}: kernel {listed[key]['name']} does not load "
+                                        f"({type(error).__name__}: {error}); rebuild it: `{rebuild}`") from None
+            launches.append((group, kernels[key]))
+    return launches
+
+
+class Artifact:
+    """A loaded artifact, called like the model it was built from: `artifact(*args,
+    **kwargs)` returns what the model's forward returns. `.graph`, `.kernels`,
+    `.fallbacks` and `.steps` as `fuselm.compile`'s result; `.config`, `.tokenizer`,
+    `.dtype`, `.target`, `.max_model_len`, `.block_size` and `.manifest` for serving."""
+
+    def __init__(self, directory: Path, manifest: dict, compiled: CompiledGraph):
+        from ..models.config import config_from_dict
+
+        self.path, self.manifest, self._compiled = directory, manifest, compiled
+        self.target = compiled.target
+        model = manifest["model"]
+        self.config = config_from_dict({**model["config"], "model_type": model["model_type"]})
+        self.dtype = getattr(torch, manifest["dtype"])
+        self.max_model_len: int = manifest["max_model_len"]
+        self.block_size: Optional[int] = manifest["block_size"]
+        self._parameters = compiled.signature.parameters
+        self._fitting: set = set()  # (guard key, dtypes and shapes) of calls the graph was found to take
+
+    def __call__(self, *args, **kwargs):
+        signature, tensors = CallSignature.of(None, args, kwargs, self._parameters)
+        self._check_call(signature, tensors)
+        with torch.no_grad(), self.target.running():
+            return self._compiled.run(tensors)
+
+    def _check_call(self, signature: CallSignature, tensors: tuple) -> None:
+        """TypeError, naming what differs, for a call the artifact's graph does not take."""
+        key = (signature.guard_key(), tuple((t.dtype, t.shape) for t in tensors))
+        if key in self._fitting:
+            return
+        built = self._compiled.signature
+        if signature.guard_key() != built.guard_key():
+            raise TypeError(f"fuselm artifact {self.path}: it was built for calls forward({self._inputs()}) "
+                            f"with {_leaves(built)}; this call passes {_leaves(signature)}")
+        try:
+            bind_symbols(self._compiled.graph.inputs, tensors)
+        except TypeError as error:
+            raise TypeError(f"fuselm artifact {self.path}: {error} (it takes forward({self._inputs()}))") from None
+        if len(self._fitting) >= MAX_REMEMBERED_SHAPES:
+            self._fitting.clear()
+        self._fitting.add(key)
+
+    def _inputs(self) -> str:
+        return ", ".join(f"{value.name}: {value.type}" for value in self._compiled.graph.inputs)
+
+    # -- as fuselm.compile's result
+    @property
+    def graph(self):
+        return self._compiled.graph
+
+    @property
+    def steps(self) -> list:
+        return self._compiled.steps
+
+    @property
+    def kernels(self) -> list:
+        return self._compiled.kernels
+
+    @property
+    def fallbacks(self) -> dict:
+        return dict(self._compiled.fallbacks)
+
+    # -- for serving
+    @functools.cached_property
+    def tokenizer(self):
+        """The model's tokenizer, read from the artifact at first use (None without one)."""
+        from ..models.tokenizer import Tokenizer
+
+        return Tokenizer.from_file(self.path / TOKENIZER) if self.manifest["tokenizer"] else None
+
+    def __repr__(self) -> str:
+        model = self.manifest["model"]
+        return (f"Artifact({str(self.path)!r}, model={model['source']!r} ({model['model_type']}), "
+                f"target={self.target.name}, {len(self.kernels)} kernels)")
+
+
+def _leaves(signature: CallSignature) -> str:
+    return ", ".join(f"{name}=<tensor>" if name in signature.names else f"{name}={value!r}"
+                     for name, value in zip(signature.leaf_names, signature.constants)) or "no arguments"
