@@ -227,17 +227,20 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
                 bar.update()
     if options.dump_dir:
         write_kernel_dump(options.dump_dir, graph, launches)
-    program = _program(graph, fallbacks, options, cache)
+    program = _program(graph, steps, options, cache)
     return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target, training, program)
 
 
-def _program(graph: Graph, fallbacks: Counter, options: CompileOptions, cache: KernelCache):
+def _program(graph: Graph, steps: list, options: CompileOptions, cache: KernelCache):
     """The graph as one native program, from the program cache (built once per graph), on
-    targets that have them; None (the executor runs it kernel by kernel) with fallbacks,
-    with FUSELM_PROGRAM=0, or when it cannot be built (a warning says why; strict raises)."""
+    targets that have them; None (the executor runs it kernel by kernel) for complex
+    values, with FUSELM_PROGRAM=0, or when it cannot be built (a warning says why; strict
+    raises)."""
     target = options.target
-    if not target.programs or fallbacks or os.environ.get("FUSELM_PROGRAM", "1") == "0":
+    if not target.programs or os.environ.get("FUSELM_PROGRAM", "1") == "0":
         return None
+    if any(v.type.is_complex for v in [*graph.inputs, *graph.nodes]):
+        return None  # programs are real-valued: the executor runs it (the complex ops are fallbacks anyway)
     try:
         program = program_cache(target, cache.root).kernel(graph)
     except Exception as error:  # the kernel-by-kernel path still runs the graph
@@ -247,7 +250,7 @@ def _program(graph: Graph, fallbacks: Counter, options: CompileOptions, cache: K
         warnings.warn(FallbackWarning(f"fuselm.compile: the graph runs kernel by kernel, not as one {target} "
                                       f"program: {reason}"), stacklevel=5)
         return None
-    return program.bind_weights(graph.constants)
+    return program.bind(graph.constants, steps)
 
 
 def _kernel(group: KernelGroup, cache: KernelCache, strict: bool, fallbacks: Counter) -> Kernel:

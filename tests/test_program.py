@@ -180,3 +180,42 @@ def test_unaligned_and_strided_inputs_are_read_correctly(compiled_lm):
     inputs[1] = torch.stack([inputs[1], inputs[1]], dim=1)[:, 0]  # strided
     inputs[2] = inputs[2].clone().zero_()
     torch.testing.assert_close(compiled(*inputs), expected, rtol=0, atol=0)
+
+
+class ConvThenLinear(torch.nn.Module):
+    """A convolution (an ATen fallback: no IR op) between generated kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 8, 3, padding=1)
+        self.linear = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.linear(torch.relu(self.conv(x)).transpose(1, 2))
+
+
+def test_a_fallback_op_runs_inside_the_program_through_a_registered_function(cache_dir):
+    torch.manual_seed(0)
+    model = ConvThenLinear().eval()
+    x = torch.randn(2, 4, 9)
+    with pytest.warns(fuselm.FallbackWarning, match="convolution"):
+        compiled = fuselm.compile(model, (x,), target="cpu", cache_dir=cache_dir)
+    entry = compiled.entries[-1]
+    assert entry.program is not None and entry.program.fallbacks
+    called = _called_functions(entry.program, lambda: compiled(x))
+    assert [name for name in called if name.startswith("fuselm.fallback.")] == entry.program.fallbacks
+    assert len([name for name in called if "__" in name]) == entry.program.launches  # the kernels: call_tir each
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(x), entry._executor(x), rtol=0, atol=0)
+
+
+def test_complex_values_run_on_the_executor(cache_dir):
+    class Spectrum(torch.nn.Module):
+        def forward(self, x):
+            return torch.fft.fft(x).real + 1
+
+    x = torch.randn(4, 8)
+    with pytest.warns(fuselm.FallbackWarning):
+        compiled = fuselm.compile(Spectrum(), (x,), target="cpu", cache_dir=cache_dir)
+    assert compiled.entries[-1].program is None
+    torch.testing.assert_close(compiled(x), torch.fft.fft(x).real + 1)

@@ -63,12 +63,12 @@ def _compiled_graph(directory: Path, manifest: dict, target: Target) -> Compiled
         raise ArtifactError(f"{directory / GRAPH}: {error}; rebuild it: `{rebuild}`") from None
     steps = partition(graph)
     launches = _load_kernels(directory, manifest, target, steps, rebuild)
-    program = _load_program(directory, manifest, target, graph, rebuild)
+    program = _load_program(directory, manifest, target, graph, steps, rebuild)
     return CompiledGraph(graph, steps, launches, Counter(), decode_signature(manifest["signature"]),
                          decode_output(manifest["output"]), target, program=program)
 
 
-def _load_program(directory: Path, manifest: dict, target: Target, graph, rebuild: str):
+def _load_program(directory: Path, manifest: dict, target: Target, graph, steps: list, rebuild: str):
     """The graph's native program (cpu), its weights the mapped ones; None without one."""
     if not manifest["program"]:
         return None
@@ -78,7 +78,7 @@ def _load_program(directory: Path, manifest: dict, target: Target, graph, rebuil
     except Exception as error:  # whatever the backend raises for files it cannot use
         raise ArtifactError(f"{directory / manifest['program']}: the program does not load "
                             f"({type(error).__name__}: {error}); rebuild it: `{rebuild}`") from None
-    return program.bind_weights(graph.constants)
+    return program.bind(graph.constants, steps)
 
 
 def _load_kernels(directory: Path, manifest: dict, target: Target, steps: list, rebuild: str) -> list:

@@ -17,9 +17,11 @@ become one Relax function `main(*graph inputs, weights)`:
 - the weights are one tuple argument, converted to TVM tensors once (no copy).
 
 A forward is then one VM call with one `call_tir` per kernel launch and no Python in
-between. `build_program` compiles the module (tvm.compile), `Program` runs it; graphs
-with fallback ops, or a group no emitter here can place in a program, are refused with
-`UnsupportedKernelError` (the Python executor runs those).
+between. A group no kernel computes (a fallback op, or ops no emitter takes) is a
+`call_pure_packed` of a function `Program.bind` registers under `fallback_name(group)`:
+the IR reference, run by torch (the only Python a forward then runs). `build_program`
+compiles the module (tvm.compile), `Program` runs it; a graph with complex values is
+refused with `UnsupportedKernelError` (the Python executor runs it).
 """
 from __future__ import annotations
 
@@ -167,6 +169,7 @@ class ProgramBuilder:
         self.weight_types.update({v.name: v.type for v in graph.outputs if isinstance(v, Constant)})
         self.weight_names = sorted(self.weight_types)
         self.launches = 0  # call_tir per forward, counted as the steps are placed
+        self.fallbacks: list = []  # names of the functions groups without a kernel call
 
     def function(self, name: str) -> relax.GlobalVar:
         return self._functions[name]
@@ -205,9 +208,14 @@ class ProgramBuilder:
 
     # -- kernels
     def _kernel_step(self, step: KernelGroup, env: dict):
-        plan = self.plan_of(step.graph)
-        name, funcs = self._funcs(step.graph, plan)
         args = [self._read(v, env) for v in step.args]
+        try:
+            if any(get_op(n.op).fallback for n in step.graph.nodes):
+                raise UnsupportedKernelError("a fallback op")
+            plan = self.plan_of(step.graph)
+            name, funcs = self._funcs(step.graph, plan)
+        except UnsupportedKernelError:  # run by torch: the IR reference, through a registered function
+            return self._fallback_call(step, args)
         if step.cache_layer is not None:
             at = 0 if step.result.op == "kv_cache_write" else 1
             args[at] = self._cache_layer(args[at], step.args[at].type, step.cache_layer)
@@ -227,6 +235,15 @@ class ProgramBuilder:
         for node in plan.after:
             result = self._view(node, result, node.inputs[0].type, context)
         return result
+
+    def _fallback_call(self, step: KernelGroup, args: list) -> relax.Expr:
+        """A group no kernel computes, as a call of the function `Program.bind` registers
+        under `fallback_name(group)` (the compiled model's fallbacks, counted there)."""
+        name = fallback_name(step.graph)
+        if name not in self.fallbacks:
+            self.fallbacks.append(name)
+        operands = [self._materialized(a) for a in args]
+        return self.bb.emit(relax.call_pure_packed(name, *operands, ty_args=self._tensor_type(step.result.type)))
 
     def _funcs(self, group: Graph, plan) -> tuple:
         key = group_key(group, "cpu")
@@ -313,40 +330,50 @@ def _simplify(expr):
 LIBRARY, DESCRIPTION, SCRIPT = "program.so", "program.json", "program.relax"
 
 
+def fallback_name(group: Graph) -> str:
+    """The global function a program calls for a group no kernel computes."""
+    return f"fuselm.fallback.{group_key(group, 'cpu')}"
+
+
 def build_program(graph: Graph, steps: list, plan_of: Callable) -> "Program":
     """Compile the graph's steps into one VM executable."""
-    if any(get_op(n.op).fallback for n in graph.nodes):
-        raise UnsupportedKernelError("a graph with fallback ops has no cpu program (the executor runs it)")
+    if any(v.type.is_complex for v in [*graph.inputs, *graph.nodes]):
+        raise UnsupportedKernelError("complex values have no cpu program (the executor runs the graph)")
     builder = ProgramBuilder(graph, steps, plan_of)
     module = builder.build_module()
     executable = tvm.compile(module, target=target())
-    return Program(executable, builder.weight_names, builder.launches, module.script())
+    return Program(executable, builder.weight_names, builder.launches, module.script(), builder.fallbacks)
 
 
 class Program:
-    """A built program and the VM that runs it: `program(*inputs)` once `bind_weights`.
+    """A built program and the VM that runs it: `program(*inputs)` once `bind`.
     Its `name` and `ops` are what the kernel cache's marker records."""
 
     name = "program"
     ops: tuple = ()
 
-    def __init__(self, executable, weight_names: list, launches: int, script: str = ""):
+    def __init__(self, executable, weight_names: list, launches: int, script: str = "", fallbacks: list = ()):
         self.executable, self.weight_names, self.launches, self.script = executable, weight_names, launches, script
-        self.vm = relax.VirtualMachine(executable, tvm.cpu())
-        self._main = self.vm["main"]
-        self._weights = None
+        self.fallbacks = list(fallbacks)  # the registered functions it calls (groups without a kernel)
+        self.vm = self._main = self._weights = None  # made by `bind` (the VM resolves its functions then)
         self._lock = threading.Lock()  # a VM runs one call at a time (its frames are its own state)
         self.calls = 0  # forwards run (tests read it: one VM call per forward)
 
-    def bind_weights(self, constants: dict) -> "Program":
-        """The weights, as TVM tensors sharing torch's memory (converted once)."""
+    def bind(self, constants: dict, steps: list) -> "Program":
+        """Ready to run: the weights as TVM tensors sharing torch's memory (converted once),
+        and each fallback group's IR reference registered under the name the program calls."""
         tensors = [tvm.runtime.from_dlpack(kernel_ready(constants[name])) for name in self.weight_names]
         self._weights = tvm.runtime.convert(tensors)
+        groups = {fallback_name(s.graph): s.graph for s in steps if isinstance(s, KernelGroup)}
+        for name in self.fallbacks:
+            tvm.register_global_func(name, _torch_function(groups[name]), override=True)
+        self.vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        self._main = self.vm["main"]
         return self
 
     def __call__(self, *inputs):
         if self._weights is None:
-            raise RuntimeError("Program.bind_weights must be called before the program runs")
+            raise RuntimeError("Program.bind must be called before the program runs")
         inputs = [kernel_ready(t) for t in inputs]
         with self._lock:
             self.calls += 1
@@ -357,7 +384,8 @@ class Program:
         """program.so (export_library), program.json (weights, launches), program.relax."""
         directory = Path(directory)
         self.executable.export_library(str(directory / LIBRARY))
-        (directory / DESCRIPTION).write_text(json.dumps({"weights": self.weight_names, "launches": self.launches}))
+        (directory / DESCRIPTION).write_text(json.dumps({"weights": self.weight_names, "launches": self.launches,
+                                                        "fallbacks": self.fallbacks}))
         (directory / SCRIPT).write_text(self.script)
 
     @staticmethod
@@ -367,4 +395,16 @@ class Program:
         description = json.loads((directory / DESCRIPTION).read_text())
         executable = tvm.runtime.load_module(str(directory / LIBRARY))
         script = (directory / SCRIPT).read_text() if (directory / SCRIPT).exists() else ""
-        return Program(executable, description["weights"], description["launches"], script)
+        return Program(executable, description["weights"], description["launches"], script,
+                       description.get("fallbacks", []))
+
+
+def _torch_function(group: Graph):
+    """The group's IR reference (torch) as a function of TVM tensors, for the VM."""
+    from ...ir.interpreter import interpret
+
+    def run(*tensors):
+        result = interpret(group, *(torch.from_dlpack(t) for t in tensors))
+        return tvm.runtime.from_dlpack(kernel_ready(result))
+
+    return run
