@@ -50,6 +50,9 @@ from .target import Target, get_target
 # "captures": graphs captured by compile (tests read it to prove a call reused a graph)
 stats: Counter = Counter()
 MAX_REMEMBERED_SHAPES = 256  # call shapes mapped straight to their compiled graph
+# A program saves the executor's per-launch host work (~10 us a launch) and costs a build
+# of seconds once per graph: below this many launches a graph runs kernel by kernel.
+PROGRAM_MIN_LAUNCHES = 16
 
 
 def compile(model: torch.nn.Module, example_inputs=None, *, target: Union[str, Target] = "cpu",
@@ -233,11 +236,14 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
 
 def _program(graph: Graph, steps: list, options: CompileOptions, cache: KernelCache):
     """The graph as one native program, from the program cache (built once per graph), on
-    targets that have them; None (the executor runs it kernel by kernel) for complex
-    values, with FUSELM_PROGRAM=0, or when it cannot be built (a warning says why; strict
+    targets that have them, for graphs of PROGRAM_MIN_LAUNCHES kernel launches or more
+    (FUSELM_PROGRAM=1: any graph; =0: none); None (the executor runs it kernel by kernel)
+    otherwise, for complex values, or when it cannot be built (a warning says why; strict
     raises)."""
     target = options.target
-    if not target.programs or os.environ.get("FUSELM_PROGRAM", "1") == "0":
+    setting = os.environ.get("FUSELM_PROGRAM", "auto")
+    launches = sum(isinstance(step, KernelGroup) for step in steps)
+    if not target.programs or setting == "0" or (setting != "1" and launches < PROGRAM_MIN_LAUNCHES):
         return None
     if any(v.type.is_complex for v in [*graph.inputs, *graph.nodes]):
         return None  # programs are real-valued: the executor runs it (the complex ops are fallbacks anyway)

@@ -148,6 +148,19 @@ def test_program_off_runs_the_executor(monkeypatch, cache_dir):
     assert compiled.entries[-1].program is None
 
 
+def test_a_graph_of_few_launches_runs_kernel_by_kernel_unless_asked(monkeypatch, cache_dir):
+    from fuselm.api import PROGRAM_MIN_LAUNCHES
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).eval(), torch.randn(3, 8)
+    compiled = fuselm.compile(model, (x,), target="cpu", cache_dir=cache_dir)
+    assert sum(k.launches for k in compiled.kernels) < PROGRAM_MIN_LAUNCHES and compiled.entries[-1].program is None
+    monkeypatch.setenv("FUSELM_PROGRAM", "1")
+    compiled = fuselm.compile(model, (x,), target="cpu", cache_dir=cache_dir)
+    assert compiled.entries[-1].program is not None
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_two_threads_share_one_program(compiled_lm):
     import threading
 
@@ -194,7 +207,8 @@ class ConvThenLinear(torch.nn.Module):
         return self.linear(torch.relu(self.conv(x)).transpose(1, 2))
 
 
-def test_a_fallback_op_runs_inside_the_program_through_a_registered_function(cache_dir):
+def test_a_fallback_op_runs_inside_the_program_through_a_registered_function(cache_dir, monkeypatch):
+    monkeypatch.setenv("FUSELM_PROGRAM", "1")  # a program for its 4 launches too
     torch.manual_seed(0)
     model = ConvThenLinear().eval()
     x = torch.randn(2, 4, 9)
@@ -209,7 +223,8 @@ def test_a_fallback_op_runs_inside_the_program_through_a_registered_function(cac
     torch.testing.assert_close(compiled(x), entry._executor(x), rtol=0, atol=0)
 
 
-def test_complex_values_run_on_the_executor(cache_dir):
+def test_complex_values_run_on_the_executor(cache_dir, monkeypatch):
+    monkeypatch.setenv("FUSELM_PROGRAM", "1")
     class Spectrum(torch.nn.Module):
         def forward(self, x):
             return torch.fft.fft(x).real + 1
