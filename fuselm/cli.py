@@ -29,7 +29,11 @@ class UsageError(Exception):
 
 
 # What a user's input can raise: reported as one line, not as a traceback.
-USER_ERRORS = (UsageError, FuselmError, ValueError, TypeError, FileNotFoundError)
+class ReplyError(FuselmError):
+    """The request failed while it was generated (its finish_reason is "error")."""
+
+
+USER_ERRORS = (UsageError, FuselmError, ValueError, TypeError, OSError)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 SERVE_EXTRA = ("fastapi", "uvicorn", "starlette", "pydantic")  # what `fuselm serve` imports beyond fuselm
@@ -119,7 +123,7 @@ def stream_reply(llm, prompt, params) -> str:
     print(f"fuselm: {len(output.token_ids)} tokens in {elapsed:.2f} s, {len(output.token_ids) / elapsed:.1f} tokens/s "
           f"({output.finish_reason}, target {llm.target})", file=sys.stderr)
     if output.error:
-        print(f"fuselm: error: {output.error}", file=sys.stderr)
+        raise ReplyError(output.error)
     return output.text
 
 
@@ -145,7 +149,11 @@ def cmd_chat(args) -> int:
         if not line:
             break
         messages.append({"role": "user", "content": line})
-        messages.append({"role": "assistant", "content": stream_reply(llm, llm.chat_prompt(messages), params)})
+        try:
+            messages.append({"role": "assistant", "content": stream_reply(llm, llm.chat_prompt(messages), params)})
+        except ReplyError as error:  # the conversation goes on without that turn
+            print(f"fuselm: error: {one_line(error)}", file=sys.stderr)
+            messages.pop()
     return 0
 
 

@@ -131,7 +131,8 @@ def _artifact_engine(directory, target, dtype, block_size, options: dict) -> LLM
         if asked is not None and asked != built:
             raise ArtifactError(f"{directory} was built with {name}={built}, which an artifact cannot change; "
                                 f"got {name}={asked}")
-    options = {**options, "max_model_len": options["max_model_len"] or artifact.max_model_len}
+    if options["max_model_len"] is None:
+        options = {**options, "max_model_len": artifact.max_model_len}
     loaded = LoadedModel(model=None, tokenizer=artifact.tokenizer, config=artifact.config, source=artifact.path)
     return LLMEngine(loaded, artifact.target, forward=artifact, dtype=artifact.dtype, block_size=artifact.block_size,
                      **options)

@@ -151,7 +151,7 @@ def nothing_loaded(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("fuselm.load started loading an artifact it should have refused")
 
-    monkeypatch.setattr(fuselm.artifact.reader, "_compiled_graph", refuse)
+    monkeypatch.setattr(importlib.import_module("fuselm.artifact.reader"), "_compiled_graph", refuse)
 
 
 def edit_manifest(directory: Path, change) -> None:
@@ -487,3 +487,50 @@ def test_build_shows_its_phases_on_a_terminal(tiny_source, kernel_cache, tmp_pat
     shown = terminal.getvalue()
     for phase in ("load", "capture+passes+kernels", "copy kernels", "write weights", "manifest"):
         assert f"fuselm build: {phase} [" in shown, shown
+
+
+# -- found by a hostile probe ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [("kernels", 5), ("dtype", "nonsense"), ("max_model_len", "big"),
+                                          ("max_model_len", -5), ("signature", "x"), ("program", 3),
+                                          ("target", ["cpu"]), ("block_size", "x")])
+def test_a_manifest_field_of_the_wrong_kind_is_refused_by_name(tiny_copy, nothing_loaded, capsys, field, value):
+    edit_manifest(tiny_copy, lambda manifest: manifest.update({field: value}))
+    with pytest.raises(ArtifactError, match=f"an invalid manifest .*{field}="):
+        fuselm.load(tiny_copy)
+    assert main(["generate", "--model", str(tiny_copy), "hi"]) == 2
+    assert f"{field}=" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_reply_that_fails_makes_generate_exit_with_an_error(tiny_copy, capsys):
+    edit_manifest(tiny_copy, lambda manifest: manifest.update(dtype="float16"))  # not what its graph takes
+    assert main(["generate", "--model", str(tiny_copy), "hi", "--max-tokens", "2"]) == 2
+    assert "forward pass failed" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_build_inside_an_artifact_or_under_a_file_is_one_line(tiny, tmp_path, capsys):
+    directory, _ = tiny
+    assert main(["build", str(directory), "-o", str(directory / "sub")]) == 2
+    assert "is inside the artifact" in one_error_line(capsys.readouterr().err)
+    (tmp_path / "afile").write_text("x")
+    assert main(["build", "smollm2-135m", "-o", str(tmp_path / "afile" / "inside")]) == 2
+    assert "afile" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_llm_refuses_a_max_model_len_of_zero_for_an_artifact(tiny):
+    directory, _ = tiny
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(model=str(directory), max_model_len=0)
+
+
+def test_inspect_names_a_list_manifest_and_an_artifact_of_other_code(tiny_copy, capsys):
+    from fuselm.inspect import main as inspect_main
+
+    edit_manifest(tiny_copy, lambda manifest: manifest["versions"].update(fuselm="0.0.1"))
+    assert inspect_main([str(tiny_copy)]) == 2
+    assert "built by other fuselm code" in capsys.readouterr().err
+    (tiny_copy / "manifest.json").write_text("[1, 2]")
+    assert inspect_main([str(tiny_copy)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "manifest" in err

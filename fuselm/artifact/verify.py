@@ -74,7 +74,32 @@ def read(directory: Path) -> dict:
         raise ArtifactError(f"{directory / MANIFEST}: artifact format {found!r}, but this fuselm reads format "
                             f"{FORMAT}; rebuild it: `{rebuild_command(manifest, directory)}`")
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing or manifest["target"] not in TARGETS:
-        raise ArtifactError(f"{directory / MANIFEST}: an invalid manifest (missing {missing or 'a known target'}); "
+    wrong = [key for key, check in FIELD_CHECKS.items() if key in manifest and not check(manifest[key])]
+    if missing or wrong or manifest["target"] not in TARGETS:
+        problem = (f"missing {missing}" if missing else f"{', '.join(f'{k}={manifest[k]!r}' for k in wrong)} "
+                   "not what an artifact records" if wrong else f"unknown target {manifest['target']!r}")
+        raise ArtifactError(f"{directory / MANIFEST}: an invalid manifest ({problem}); "
                             f"rebuild it: `{rebuild_command(manifest, directory)}`")
     return manifest
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# What each manifest field must be (a manifest is not covered by its own sha256: an edited
+# one must be refused by name, not fail somewhere in the loader).
+FIELD_CHECKS = {
+    "model": lambda v: isinstance(v, dict) and isinstance(v.get("model_type"), str) and isinstance(v.get("config"), dict),
+    "target": lambda v: isinstance(v, str),
+    "machine": lambda v: isinstance(v, dict),
+    "dtype": lambda v: v in ("float32", "float16", "bfloat16", "float64"),
+    "max_model_len": _positive_int,
+    "block_size": lambda v: v is None or _positive_int(v),
+    "signature": lambda v: isinstance(v, dict),
+    "output": lambda v: isinstance(v, dict),
+    "kernels": lambda v: isinstance(v, list) and all(isinstance(k, dict) and isinstance(k.get("key"), str)
+                                                     for k in v),
+    "program": lambda v: v is None or v == "program",
+    "tokenizer": lambda v: isinstance(v, bool),
+}

@@ -31,6 +31,10 @@ from .weights import write_weights
 def check_destination(directory: Path) -> bool:
     """Whether `directory` holds an artifact that a build will replace; ArtifactError if it
     is something a build must not replace (a file, or a directory with other things)."""
+    inside = next((parent for parent in directory.parents if is_artifact(parent)), None)
+    if inside is not None:
+        raise ArtifactError(f"{directory} is inside the artifact {inside}: a build there would change that artifact; "
+                            "choose an -o outside it")
     if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
         raise ArtifactError(f"{directory} exists and is not a directory: refusing to replace it; choose another -o")
     if directory.is_dir() and any(directory.iterdir()):

@@ -10,7 +10,6 @@ It holds no IR per pass: `--ir` shows graph.ir alone.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,12 +26,21 @@ class ArtifactSource(DumpSource):
     def __init__(self, directory: Path):
         from ..artifact.format import GRAPH
 
+        from ..artifact.verify import read, running_versions
+        from ..errors import ArtifactError
+        from ..target import get_target
+
         self.directory = directory
         try:
-            self.manifest = json.loads((directory / "manifest.json").read_text())
+            self.manifest = read(directory)  # a manifest of this format, its fields checked
             self._text = (directory / GRAPH).read_text()
-        except (OSError, ValueError) as error:
-            raise InspectError(f"{directory} cannot be read as a fuselm artifact: {error}") from error
+        except (OSError, ValueError, ArtifactError) as error:
+            raise InspectError(f"{directory} cannot be read as a fuselm artifact: {one_line(error)}") from None
+        running = running_versions(get_target(self.manifest["target"]))
+        if any(self.manifest["versions"].get(name) != version for name, version in running.items()):
+            # its kernels are keyed by the versions that built them: none would be found
+            raise InspectError(f"{directory} was built by other fuselm code (versions {self.manifest['versions']}; "
+                               f"this is {running}); rebuild it with `fuselm build`")
         self._kernels = self._entries()
 
     def _entries(self) -> list:
@@ -110,6 +118,10 @@ class ArtifactSource(DumpSource):
                     loaded[key] = cache.backend.load(group.graph, self.directory / "kernels" / key)
                 kernels[id(group)] = loaded[key]
         return kernels
+
+
+def one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def _meta(ir_type: TensorType) -> torch.Tensor:
