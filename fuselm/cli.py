@@ -21,7 +21,7 @@ import argparse
 import sys
 import time
 
-from .errors import FuselmError
+from .errors import FuselmError, one_line
 
 
 class UsageError(Exception):
@@ -307,11 +307,6 @@ def cmd_inspect(args) -> int:
     from . import inspect as inspect_command
 
     return inspect_command.run(args)
-
-
-def one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
 
 
 def main(argv=None) -> int:

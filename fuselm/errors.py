@@ -37,3 +37,9 @@ class ArtifactError(FuselmError):
     """An ahead-of-time artifact (`fuselm build`) that cannot be built or loaded here: a
     file missing or changed, another format, fuselm/torch/compiler version, target or CPU;
     the message names the problem and, where rebuilding fixes it, the command."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message as one line (its lines joined), for command-line reports."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__

@@ -27,7 +27,7 @@ class ArtifactSource(DumpSource):
         from ..artifact.format import GRAPH
 
         from ..artifact.verify import read, running_versions
-        from ..errors import ArtifactError
+        from ..errors import ArtifactError, one_line
         from ..target import get_target
 
         self.directory = directory
@@ -118,10 +118,6 @@ class ArtifactSource(DumpSource):
                     loaded[key] = cache.backend.load(group.graph, self.directory / "kernels" / key)
                 kernels[id(group)] = loaded[key]
         return kernels
-
-
-def one_line(error: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def _meta(ir_type: TensorType) -> torch.Tensor:

@@ -195,8 +195,7 @@ class ProgramBuilder:
                     env[step.node] = self._view(step.node, env[step.node.inputs[0]], step.node.inputs[0].type)
                 else:
                     env[step.result] = self._kernel_step(step, env)
-            outputs = [self._materialized(env[v] if not isinstance(v, Constant) else env[v.name])
-                       for v in self.graph.outputs]
+            outputs = [self._materialized(self._read(v, env)) for v in self.graph.outputs]
             self.bb.emit_func_output(relax.Tuple(outputs))
         return self.bb.get()
 
