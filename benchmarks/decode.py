@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py [--quick]                          # cpu, SmolLM2-135M
     python benchmarks/decode.py --target cuda [--shape tinyllama]  # GPU, random weights
+    python benchmarks/decode.py --quantize all                     # cpu, every quantization scheme
 
 cpu (SmolLM2-135M-Instruct, real weights from the Q4_1 GGUF, greedy, 128 new tokens per
 request whatever the model says: `ignore_eos` / `min_new_tokens`):
@@ -30,6 +31,11 @@ shared/tools/gpu_anchor.py (a gpt-fast-style static-cache model, eager and
 torch.compile; SECTIONS=ceilings,llama), run as a subprocess after fuselm when the
 script is found (.anchor/gpu_anchor.py in the checkout, or shared/tools/). The anchor
 measures the TinyLlama shape only: ratios are printed for `--shape tinyllama`.
+
+`--quantize SCHEMES` (a comma list, or all): on cpu, fuselm fp32 and fuselm with each
+scheme (`fuselm.LLM(quantize=...)`, one program a forward), each in its own subprocess,
+against the same transformers and llama.cpp runs; on cuda the schemes run on the random
+model as well.
 
 Ratios are fuselm tok/s / peer tok/s (> 1 means fuselm is faster). Speed is never
 asserted in tests: this script is where it is measured.
@@ -126,13 +132,15 @@ def random_shapes() -> dict:
     }
 
 
-def build_llm(settings: Settings, model: str = "smollm2-135m"):
+def build_llm(settings: Settings, model: str = "smollm2-135m", quantize: Optional[str] = None):
     """SmolLM2 with real weights (cpu; `model` may be its built artifact), or a
-    random-weight model in bf16 (cuda)."""
+    random-weight model in bf16 (cuda); `quantize`: a scheme for fuselm.LLM."""
     from fuselm import LLM
 
     options = dict(max_model_len=settings.max_model_len, max_num_seqs=settings.requests,
                    block_size=BLOCK_SIZE, enable_prefix_caching=False)
+    if quantize:
+        options["quantize"] = quantize
     if settings.target == "cpu":
         return LLM(model, target="cpu", kv_cache_bytes=None, **options)
     return random_llm(random_shapes()[settings.shape], settings.target, **options)
@@ -199,9 +207,9 @@ def kv_utilization(llm, settings: Settings) -> dict:
     return {"mean": stats.mean_kv_utilization, "preemptions": stats.preemptions, "steps": stats.steps, **run}
 
 
-def serve(settings: Settings, model: str = "smollm2-135m") -> dict:
+def serve(settings: Settings, model: str = "smollm2-135m", quantize: Optional[str] = None) -> dict:
     start = time.perf_counter()
-    llm = build_llm(settings, model)
+    llm = build_llm(settings, model, quantize)
     build_s = time.perf_counter() - start
     prompts = serving_prompts(llm, settings)
     warm = [p[::-1] for p in prompts]  # same lengths, other tokens
@@ -267,10 +275,11 @@ def profile_decode(engine, prompts: list, steps: int = 16) -> dict:
             "top_kernels": [(name[:60], t / 1e3 / steps, count / steps) for name, t, count in kernels[:12]]}
 
 
-def run_fuselm(args, model: str = "smollm2-135m", env: Optional[dict] = None) -> dict:
+def run_fuselm(args, model: str = "smollm2-135m", env: Optional[dict] = None, quantize: Optional[str] = None) -> dict:
     """`serve` in a fresh process; its stderr (progress) passes through."""
     command = [sys.executable, str(Path(__file__).resolve()), "--serve-only", "--target", args.target,
                "--shape", args.shape, "--model", model] + (["--quick"] if args.quick else [])
+    command += ["--quantize", quantize] if quantize else []
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env={**os.environ, **(env or {})})
     line = next(line for line in reversed(done.stdout.splitlines()) if line.startswith(RESULT_TAG))
     return json.loads(line[len(RESULT_TAG):])
@@ -294,6 +303,34 @@ def first_token_from_artifact(directory: Path) -> dict:
     first = time.perf_counter() - start
     process.communicate()
     return {"first_token_s": first, "exit_s": time.perf_counter() - start}
+
+
+def run_quantized(args) -> dict:
+    """fuselm fp32, then fuselm with each scheme of --quantize, each alone."""
+    from fuselm.quant.config import SCHEMES
+
+    schemes = list(SCHEMES) if args.quantize == "all" else args.quantize.split(",")
+    return {"fp32": run_fuselm(args), **{scheme: run_fuselm(args, quantize=scheme) for scheme in schemes}}
+
+
+def report_quantized(settings: Settings, variants: dict, hf: Optional[dict], llama: Optional[dict]) -> None:
+    n, fp32 = settings.requests, variants["fp32"]
+    print(f"\nSmolLM2-135M-Instruct greedy decode on {settings.target}, {settings.new_tokens} new tokens per request, "
+          "quantized")
+    print(f"    {'system':<52}{'tok/s':>9}{'fuselm / it':>14}   target")
+    # ratios are of the first row: int4-g32 (the targets' scheme) when it ran
+    order = sorted(variants, key=lambda scheme: scheme != "int4-g32")
+    single = [Row(f"fuselm {scheme}", variants[scheme]["single"]["decode_tok_s"]) for scheme in order]
+    concurrent = [Row(f"fuselm {scheme}, {n} concurrent", variants[scheme]["concurrent"]["tok_s"]) for scheme in order]
+    peers = [Row("transformers eager fp32", hf["single"])] if hf else []
+    peers += [Row("llama.cpp Q4_1, 2 threads", llama["single"], target=1.2)] if llama else []
+    print_group("batch 1 (decode tok/s after the first token)", single + peers)
+    batch_peers = [Row(f"llama.cpp Q4_1, {n} requests one at a time", llama["batch"], target=4.0)] if llama else []
+    print_group(f"{n} requests (generated tokens / wall time, prefill included)", concurrent + batch_peers)
+    for scheme, v in variants.items():
+        ratio = v["single"]["decode_tok_s"] / fp32["single"]["decode_tok_s"]
+        print(f"  {scheme}: batch 1 {ratio:.2f}x fuselm fp32" + (" (int8 target 1.6x)" if scheme == "int8" else "")
+              + f"; peak RSS {v['peak_rss_bytes'] / 2**30:.2f} GiB; load + compile {v['build_s']:.1f} s")
 
 
 def run_cpu_variants(args, settings: Settings) -> dict:
@@ -517,6 +554,8 @@ def parse_args():
     parser.add_argument("--no-anchor", action="store_true", help="cuda: skip the torch baseline")
     parser.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)  # the fuselm subprocess
     parser.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)  # its model (or artifact)
+    parser.add_argument("--quantize", metavar="SCHEMES",
+                        help="compare fuselm fp32 with these quantization schemes (comma list, or all)")
     return parser.parse_args()
 
 
@@ -524,10 +563,19 @@ def main() -> None:
     args = parse_args()
     settings = Settings.from_args(args)
     if args.serve_only:
-        print(RESULT_TAG + json.dumps(serve(settings, args.model)), flush=True)
+        print(RESULT_TAG + json.dumps(serve(settings, args.model, args.quantize)), flush=True)
         return
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}", flush=True)
+    if args.quantize:
+        variants = run_quantized(args)
+        prompts = variants["fp32"]["prompts"]
+        hf = llama = None
+        if settings.target == "cpu":
+            hf = time_transformers(prompts, settings.new_tokens, pad=variants["fp32"]["eos_token_ids"][0])
+            llama = time_llama_cpp(prompts, settings.new_tokens, n_ctx=settings.max_model_len)
+        report_quantized(settings, variants, hf, llama)
+        return
     if settings.target == "cpu":
         variants = run_cpu_variants(args, settings)
         prompts = variants["program"]["prompts"]

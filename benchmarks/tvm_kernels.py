@@ -1,6 +1,7 @@
 """fuselm's cpu (TVM) kernels against torch at SmolLM2-135M shapes. Not a test.
 
     python benchmarks/tvm_kernels.py [--threads 2] [--rows 1,16,128,512] [--quick] [--hot]
+                                     [--sections gemm,norm,qgemv] [--lm-head]
 
 Each gemm group (fused epilogue) is built twice, for the weight as the IR captures it
 ([N, K]) and prepacked in k16 panels (what the `layout` pass gives cpu kernels), and
@@ -11,6 +12,13 @@ layers of weights pass through the caches between two uses of one): each call ta
 next of several copies of the weights, more than the L3 cache holds (`--hot` reuses one
 copy). Decode rows are shown as weight bandwidth (GB/s), prefill rows as GFLOP/s. The
 norm kernels are timed against torch's rms_norm / layer_norm.
+
+The qgemv section times decode (M = 1) with quantized weights: the qgemm GEMV kernel
+(codegen/tvm/qgemm.py) for int8 (one f32 scale per channel), int4 with groups of 32 (f16
+scale and offset), nf4 with groups of 64 (f16 scale), as the quantization passes store
+them, and W8A8 (int8 activations), beside the fp32 gemv1 of k16 panels, cold as above
+(`--lm-head` adds the 49152-row tied head). Each is shown as bytes of weight (codes,
+scales and offsets) streamed per second, and as a fraction of the fp32 form's rate.
 
 Both runtimes use `--threads` threads (TVM_NUM_THREADS is set before TVM loads).
 Torch's OpenMP threads spin after each parallel region and then fight TVM's pool for the
@@ -166,12 +174,78 @@ def bench_norms(rows: list) -> None:
                   f"{4 * M * D * 4 / ours / 1e9:.1f} | {theirs / ours:.2f}x |", flush=True)
 
 
+QGEMV_SHAPES = [(576, 1536), (1536, 576)]  # SmolLM2-135M: up|gate half, down projection
+QGEMV_FORMATS = [  # (label, format, group size (None: one per channel), activations)
+    ("int8", "int8", None, "float"),
+    ("int4-g32", "int4", 32, "float"),
+    ("nf4-g64", "nf4", 64, "float"),
+    ("w8a8", "int8", None, "int8"),
+]
+
+
+def qgemm_group(K: int, N: int, parts: dict, fmt: str, group_size: int, activations: str):
+    """One qgemm of x [T, K] with the quantized weight's parts as inputs."""
+    from fuselm.ir import GraphBuilder, TensorType
+
+    b = GraphBuilder()
+    x = b.input("x", TensorType(("T", K), "f32"))
+    inputs = [b.input(name, TensorType.of(t)) for name, t in parts.items()]
+    return b.build([b.op("qgemm", x, *inputs, format=fmt, group_size=group_size, n=N, k=K, parts=tuple(parts),
+                         activations=activations)])
+
+
+def weight_sets(tensors: tuple, hot: bool) -> list:
+    """`tensors` and copies of them, COLD_BYTES in all (capped at 256 sets; one if hot)."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    copies = 1 if hot else max(1, min(256, COLD_BYTES // nbytes))
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(copies - 1)]
+
+
+def bench_qgemv(hot: bool, lm_head: bool) -> None:
+    import torch
+
+    from fuselm import ir
+    from fuselm.codegen import tvm as tvm_codegen
+    from fuselm.ir.core_ops import pack_weight
+    from fuselm.quant.weights import quantize_weight
+
+    print(f"\n## qgemm decode (M = 1), {torch.get_num_threads()} threads, weights {'hot' if hot else 'cold'}\n")
+    print("| K | N | weight | build s | us | weight MB | GB/s | vs fp32 (bytes/s) | vs fp32 (time) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for K, N in QGEMV_SHAPES + ([(576, 49152)] if lm_head else []):
+        w = torch.randn(N, K) / K**0.5
+        x = torch.randn(1, K)
+        dense = tvm_codegen.emit(gemm_group(K, N, (), True))
+        rows = [("fp32 k16", 0.0, dense, weight_sets((pack_weight(w, 1),), hot))]  # (label, build s, kernel, sets)
+        for label, fmt, group_size, activations in QGEMV_FORMATS:
+            group_size = group_size or K
+            parts = quantize_weight(w, fmt, group_size)
+            group = qgemm_group(K, N, parts, fmt, group_size, activations)
+            start = time.perf_counter()
+            kernel = tvm_codegen.emit(group)
+            build = time.perf_counter() - start
+            weights = tuple(parts.values())
+            expected = ir.interpret(group, x, *weights)
+            atol = 1e-3 * expected.abs().max().item()
+            torch.testing.assert_close(kernel.run(x, *weights), expected, rtol=1e-3, atol=atol)
+            rows.append((label, build, kernel, weight_sets(weights, hot)))
+        times = best_seconds([lambda kernel=kernel, next_set=cycling(sets): kernel.run(x, *next_set())
+                              for _, _, kernel, sets in rows])
+        sizes = [sum(t.numel() * t.element_size() for t in sets[0]) for _, _, _, sets in rows]
+        base_rate, base_time = sizes[0] / times[0], times[0]
+        for (label, build, _, _), nbytes, t in zip(rows, sizes, times):
+            print(f"| {K} | {N} | {label} | {build:.1f} | {t * 1e6:.1f} | {nbytes / 1e6:.2f} | "
+                  f"{nbytes / t / 1e9:.1f} | {nbytes / t / base_rate:.2f} | {base_time / t:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default="1,16,128,512")
     parser.add_argument("--quick", action="store_true", help="only the first three gemm shapes")
     parser.add_argument("--hot", action="store_true", help="decode rows reuse one weight copy (L3-resident)")
+    parser.add_argument("--sections", default="gemm,norm,qgemv", help="which of gemm, norm, qgemv to run")
+    parser.add_argument("--lm-head", action="store_true", help="qgemv: also the 49152-row lm head")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("KMP_BLOCKTIME", "0")
@@ -181,8 +255,13 @@ def main() -> None:
     if args.quick:
         GEMMS[:] = GEMMS[:3]
     rows = [int(r) for r in args.rows.split(",")]
-    bench_gemms(rows, args.hot)
-    bench_norms(rows)
+    sections = args.sections.split(",")
+    if "gemm" in sections:
+        bench_gemms(rows, args.hot)
+    if "norm" in sections:
+        bench_norms(rows)
+    if "qgemv" in sections:
+        bench_qgemv(args.hot, args.lm_head)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 Public API: `compile` (capture, fuse, generate kernels for "cpu" or "cuda"), `load` (an
 ahead-of-time artifact of `fuselm build`, with no capture and no code generation), `LLM`
-and `SamplingParams` (the serving engine on a compiled language model) and the error types; `fuselm.ir`, `fuselm.frontend`, `fuselm.passes` and `fuselm.models` are
+and `SamplingParams` (the serving engine on a compiled language model), `QuantizeConfig`
+(`quantize=` with its settings) and the error types; `fuselm.ir`, `fuselm.frontend`, `fuselm.passes` and `fuselm.models` are
 importable subpackages. TVM and Triton are imported only when a target needs them, and
 torch only when `compile`, `CompiledModule`, `load` or `LLM` is first used: `import fuselm` and
 the command line's argument parsing stay fast (and a Ctrl-C there is a clean exit).
 """
 from .errors import ArtifactError, FallbackWarning, FuselmError, UnsupportedKernelError, UnsupportedOpError
 from .lazy import lazy_attributes
+from .quant.config import QuantizeConfig
 from .sampling_params import SamplingParams
 
 _LAZY = {"compile": "api", "CompiledModule": "api", "LLM": "llm", "load": "artifact"}  # name -> module defining it
@@ -17,5 +19,5 @@ _LAZY = {"compile": "api", "CompiledModule": "api", "LLM": "llm", "load": "artif
 __getattr__ = lazy_attributes(__name__, globals(), _LAZY)
 
 __version__ = "0.1.0"
-__all__ = ["compile", "CompiledModule", "load", "LLM", "SamplingParams", "FuselmError", "ArtifactError", "FallbackWarning",
+__all__ = ["compile", "CompiledModule", "load", "LLM", "SamplingParams", "QuantizeConfig", "FuselmError", "ArtifactError", "FallbackWarning",
            "UnsupportedKernelError", "UnsupportedOpError", "__version__"]

@@ -41,8 +41,10 @@ from .frontend.capture import AUTO
 from .frontend.signature import CallSignature, flat_forward
 from .ir.graph import Graph
 from .ir.registry import get_op
-from .passes import run_passes
+from .passes import CLEANUP, FUSION, run_passes
 from .passes.partition import KernelGroup, partition
+from .passes.quantize import quantization_passes
+from .quant.config import QuantizeConfig, quantize_config
 from .runtime.compiled_graph import CompiledGraph, KernelInfo  # noqa: F401  (KernelInfo: re-exported)
 from .runtime.executor import interpreted_kernel
 from .target import Target, get_target
@@ -58,14 +60,18 @@ PROGRAM_MIN_LAUNCHES = 16
 def compile(model: torch.nn.Module, example_inputs=None, *, target: Union[str, Target] = "cpu",
             dynamic: Union[None, bool, dict] = None, strict: bool = False, recompile_limit: int = 8,
             dump_dir: Optional[str] = None, cache_dir: Optional[str] = None,
-            donate_weights: bool = False) -> "CompiledModule":
+            donate_weights: bool = False, quantize: Union[None, str, QuantizeConfig] = None) -> "CompiledModule":
     """Compile `model` for `target`; with `example_inputs` (a tuple of positional
     arguments) it is captured now, else at the first call.
 
     The graph goes through the generic pass pipeline, then the target's own passes (cpu:
     gemm weights prepacked into the layout its kernels read), then partition.
     `donate_weights=True` lets those layouts reuse the module's weight memory, so weights
-    exist once even while compiling; the module must not run afterwards."""
+    exist once even while compiling; the module must not run afterwards.
+    `quantize`: a scheme name ("int8", "w8a8", "int4-g32", "int4-g64", "int4-g128",
+    "llm.int8", "nf4") or a `fuselm.QuantizeConfig`: the fused graph's gemms read quantized
+    weights (`qgemm`); w8a8 and llm.int8 calibrate on `QuantizeConfig(calibration=[args,
+    ...])`, by default on the example inputs (or the first call's)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fuselm.compile takes a torch.nn.Module, got {type(model).__name__}")
     if dynamic not in (None, True, False) and not (isinstance(dynamic, dict) and all(
@@ -77,7 +83,7 @@ def compile(model: torch.nn.Module, example_inputs=None, *, target: Union[str, T
     target.check_available()
     options = CompileOptions(target, dynamic, strict or os.environ.get("FUSELM_STRICT", "") not in ("", "0"),
                              recompile_limit, dump_dir or os.environ.get("FUSELM_DUMP") or None, cache_dir,
-                             donate_weights)
+                             donate_weights, quantize_config(quantize))
     compiled = CompiledModule(model, options)
     if example_inputs is not None:
         compiled.capture(tuple(example_inputs), {})
@@ -93,6 +99,7 @@ class CompileOptions:
     dump_dir: Optional[str]
     cache_dir: Optional[str]
     donate_weights: bool
+    quantize: Optional[QuantizeConfig] = None
 
 
 class CompiledModule:
@@ -215,7 +222,8 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
     training = model.training  # captured in the mode it is in (a new mode is a new graph)
     with torch.no_grad(), target.importing(), flat_forward(model, signature) as output:
         graph = capture(model, tensors, dynamic, strict=options.strict)
-        graph = run_passes(graph, target.passes(options.donate_weights), dump_dir=options.dump_dir)
+        quantize = _quantization(model, signature, tensors, options)
+        graph = run_passes(graph, target.passes(options.donate_weights, quantize), dump_dir=options.dump_dir)
     model.train(training)
     graph.constants.update(target.prepare_weights(graph.constants))
     steps = partition(graph)
@@ -232,6 +240,36 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
         write_kernel_dump(options.dump_dir, graph, launches)
     program = _program(graph, steps, options, cache)
     return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target, training, program)
+
+
+def _quantization(model: torch.nn.Module, signature: CallSignature, tensors: tuple,
+                  options: CompileOptions) -> Optional[list]:
+    """The quantization passes of options.quantize (None without one), calibrated on its
+    samples (positional argument tuples, each called as the model is; a sample of other
+    shapes runs on a graph captured for it) or on this call's tensors."""
+    config = options.quantize
+    if config is None:
+        return None
+    samples = None
+    if config.needs_calibration:
+        samples = [tensors]
+        if config.calibration is not None:
+            samples = [_call_tensors(model, signature, sample, i) for i, sample in enumerate(config.calibration)]
+
+    def recapture(sample: tuple) -> Graph:
+        graph = capture(model, sample, None, strict=options.strict)
+        return run_passes(graph, CLEANUP + FUSION)
+
+    return quantization_passes(config, samples, recapture)
+
+
+def _call_tensors(model: torch.nn.Module, signature: CallSignature, sample, index: int) -> tuple:
+    args = sample if isinstance(sample, (tuple, list)) else (sample,)
+    sample_signature, tensors = CallSignature.of(model, tuple(args), {})
+    if sample_signature.guard_key() != signature.guard_key():
+        raise FuselmError(f"quantize: calibration sample {index} is not a call like the one compiled "
+                          "(its non-tensor arguments or structure differ)")
+    return tensors
 
 
 def _program(graph: Graph, steps: list, options: CompileOptions, cache: KernelCache):
@@ -283,18 +321,26 @@ def _torch_only(group: Graph) -> bool:
 
 
 def compile_lm(loaded, target: Union[str, Target], block_size: int, dtype: torch.dtype, cache_dir: Optional[str],
-               donate_weights: bool = False):
+               donate_weights: bool = False, quantize: Union[None, str, QuantizeConfig] = None):
     """A loaded language model compiled for `target` in the LM contract (models/contract.py),
     with symbolic token and batch sizes: the engine's forward pass.
-    `donate_weights`: the compiled layouts may reuse (and scramble) the module's weights."""
-    from .models.contract import capture_example
+    `donate_weights`: the compiled layouts may reuse (and scramble) the module's weights.
+    `quantize`: as for `compile`; calibration samples are texts or token lists (default:
+    an English text, see quant/calibration.py), run as one prefill."""
+    from .models.contract import capture_example, pack_prompts
+    from .quant.calibration import calibration_prompts
 
     target = get_target(target)
     example, dynamic = capture_example(loaded.config, block_size=block_size, dtype=dtype)
     model = loaded.model.to(target.device)
     example = tuple(t.to(target.device) for t in example)
+    config = quantize_config(quantize)
+    if config is not None and config.needs_calibration and loaded.config.model_type != "bert":
+        prompts = calibration_prompts(loaded.tokenizer, config.calibration, loaded.config.vocab_size)
+        sample = pack_prompts(loaded.config, prompts, block_size=block_size, all_logits=True, dtype=dtype)
+        config = config.with_calibration([tuple(t.to(target.device) for t in sample.as_tuple())])
     return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir,
-                   donate_weights=donate_weights)
+                   donate_weights=donate_weights, quantize=config)
 
 
 def _first_of_each_uncached_kernel(groups: list, cache: KernelCache) -> set:

@@ -91,7 +91,8 @@ def make_llm(args):
     announce_loading(args.model)
     from .llm import LLM
 
-    llm = LLM(args.model, target=args.target, max_model_len=args.max_model_len, max_num_seqs=1)
+    llm = LLM(args.model, target=args.target, max_model_len=args.max_model_len, max_num_seqs=1,
+              quantize=getattr(args, "quantize", None))
     if args.max_model_len is None:  # the model's (or artifact's) context: checked now that it is known
         check_room(args.max_tokens, llm.engine.max_model_len, "the model's context of")
     return llm
@@ -231,8 +232,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "model's up to 2048")
 
 
+def add_quantize_option(parser: argparse.ArgumentParser) -> None:
+    from .quant.config import SCHEMES
+
+    parser.add_argument("--quantize", default="none", choices=["none", *SCHEMES], metavar="SCHEME",
+                        help=f"quantize the weights: none or one of {', '.join(SCHEMES)}")
+
+
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
+    add_quantize_option(parser)
     parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per reply")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
     parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens "
@@ -264,8 +273,7 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
                         help="context length served by default; unset: the model's, up to 2048")
     parser.add_argument("--mcpu", default="native", choices=["native", "generic"],
                         help="cpu kernels for this machine's CPU, or for any x86-64 with AVX2")
-    parser.add_argument("--quantize", default="none", metavar="SCHEME",
-                        help="weight quantization (not implemented yet: none)")
+    add_quantize_option(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,19 +38,26 @@ class LLM:
                  max_model_len: Optional[int] = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
                  block_size: Optional[int] = None, enable_prefix_caching: bool = True,
-                 cache_dir: Optional[str] = None, enforce_eager: bool = False):
+                 cache_dir: Optional[str] = None, enforce_eager: bool = False, quantize=None):
         """`model`: a named model, a Hugging Face directory or .gguf file (loaded and
         compiled now), or an artifact directory of `fuselm build` (loaded: its tokenizer,
         config and compiled forward; `max_model_len` defaults to what it was built with,
         `target="auto"` is its target, and `dtype` and `block_size` are its own).
         `block_size`: tokens per KV-cache block (default 16). `enforce_eager`: on cuda, run
-        decode steps kernel by kernel instead of replaying CUDA graphs (vLLM's option)."""
+        decode steps kernel by kernel instead of replaying CUDA graphs (vLLM's option).
+        `quantize`: a scheme name or a `fuselm.QuantizeConfig` (see `fuselm.compile`;
+        calibration samples are texts); an artifact keeps the quantization it was built with."""
         from .artifact.format import is_artifact
 
         options = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
                        enable_prefix_caching=enable_prefix_caching, cache_dir=cache_dir, enforce_eager=enforce_eager)
         if is_artifact(model):
+            if quantize not in (None, "none"):
+                from .errors import ArtifactError
+
+                raise ArtifactError(f"{model} is an artifact: its quantization was chosen when it was built "
+                                    "(fuselm build --quantize); load it without quantize=")
             self.engine = _artifact_engine(model, target, dtype, block_size, options)
         else:
             from .models import load
@@ -59,7 +66,7 @@ class LLM:
             with target.importing():
                 loaded = load(model, dtype=dtype or target.default_dtype)
                 self.engine = LLMEngine(loaded, target, block_size=block_size or DEFAULT_BLOCK_SIZE,
-                                        donate_weights=True, **options)  # the model is ours alone
+                                        donate_weights=True, quantize=quantize, **options)  # the model is ours alone
         self.target, self.tokenizer = self.engine.target, self.engine.tokenizer
         self.loop = EngineLoop(self.engine)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -53,11 +53,12 @@ class Target:
                               f"{spelling.format('cpu')}, or set TRITON_INTERPRET=1 to run the Triton kernels "
                               "in Triton's interpreter")
 
-    def passes(self, donate_weights: bool = False) -> list:
-        """The pass pipeline for this target: the generic passes, then its own."""
+    def passes(self, donate_weights: bool = False, quantize: Optional[list] = None) -> list:
+        """The pass pipeline for this target: the generic passes (with the quantization
+        passes, if any), then its own."""
         from .passes import pipeline
 
-        return pipeline(self.name, donate_weights)
+        return pipeline(self.name, donate_weights, quantize)
 
     def prepare_weights(self, constants: dict) -> dict:
         """The graph's constants as this target's kernels read them."""

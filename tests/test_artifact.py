@@ -375,8 +375,9 @@ def test_command_line_builds_for_a_generic_cpu_and_replaces_only_artifacts(tiny,
     assert main(["build", str(tiny_source), "-o", str(other)]) == 2
     assert "is not a fuselm artifact" in one_error_line(capsys.readouterr().err)
     assert (other / "keep.txt").read_text() == "mine"
-    assert main(["build", str(tiny_source), "-o", str(tmp_path / "q"), "--quantize", "int8"]) == 2
-    assert "quantization is not implemented yet" in one_error_line(capsys.readouterr().err)
+    assert main(["build", str(tiny_source), "-o", str(tmp_path / "q"), "--quantize", "int3"]) == 2
+    assert "--quantize: invalid choice: 'int3'" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "q").exists()
 
 
 def test_a_cuda_artifact_is_built_without_a_gpu_and_refused_where_none_is(tiny_cuda, nothing_loaded, monkeypatch):

@@ -12,7 +12,8 @@ graph, tokenizer and manifest; a progress bar shows them on a terminal.
 
 A cuda artifact can be built on a machine without a GPU: building generates the Triton
 sources and runs none of them. `mcpu="generic"` builds cpu kernels for any x86-64 with
-AVX2 instead of this machine's CPU. Quantization (`quantize=`) is not implemented yet.
+AVX2 instead of this machine's CPU. `quantize=` (a scheme of quant/config.py) quantizes
+the gemm weights as `fuselm.compile` does; the manifest records the scheme.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Optional, Union
 
 from ..codegen.cache import KernelCache
 from ..errors import ArtifactError, FuselmError
+from ..quant.config import quantize_config
 from ..target import Target, get_target
 from .machine import check_mcpu, code_settings, requirements
 from .verify import running_versions
@@ -30,7 +32,6 @@ from .writer import (check_destination, describe, staged, write_artifact_manifes
                      write_graph, write_tokenizer)
 
 PHASES = ("load", "capture+passes+kernels", "copy kernels", "write weights", "manifest")
-QUANTIZE_OPTIONS = ("none",)  # issue 12: int8 / int4 schemes come with the quantization passes
 
 
 def build(model: Union[str, Path], output: Union[str, Path], *, target: Union[str, Target] = "cpu",
@@ -55,7 +56,7 @@ def build(model: Union[str, Path], output: Union[str, Path], *, target: Union[st
         causal = loaded.config.model_type != "bert"  # as models.contract.capture_example tells them apart
         emitting = _without_running(target)
         compiled = compile_lm(loaded, emitting, DEFAULT_BLOCK_SIZE, target.default_dtype, cache_dir,
-                              donate_weights=True)
+                              donate_weights=True, quantize=quantize)
         graph = compiled.entries[-1]
         if graph.fallbacks:
             listed = ", ".join(f"{op} x{n}" for op, n in sorted(graph.fallbacks.items()))
@@ -65,6 +66,7 @@ def build(model: Union[str, Path], output: Union[str, Path], *, target: Union[st
         description = describe(graph, source=source, config=loaded.config, machine=requirements(target, mcpu),
                                dtype=target.default_dtype, max_model_len=max_model_len,
                                block_size=DEFAULT_BLOCK_SIZE if causal else None)
+        description["quantize"] = None if quantize == "none" else quantize_config(quantize).name
         phase("copy kernels")
         description.update(write_code(graph, KernelCache(emitting, cache_dir), staging))
         phase("write weights")
@@ -78,9 +80,10 @@ def build(model: Union[str, Path], output: Union[str, Path], *, target: Union[st
 
 def check_options(output: Path, target: Union[str, Target], mcpu: str, quantize: str) -> bool:
     """ArtifactError for options `build` refuses; whether an artifact at `output` will be replaced."""
-    if quantize not in QUANTIZE_OPTIONS:
-        raise ArtifactError(f"--quantize {quantize}: quantization is not implemented yet (issue 12); "
-                            f"use --quantize none")
+    try:
+        quantize_config(quantize)
+    except (TypeError, ValueError) as error:
+        raise ArtifactError(f"--quantize {quantize}: {error}") from None
     check_mcpu(get_target(target), mcpu)
     return check_destination(Path(output).absolute())
 

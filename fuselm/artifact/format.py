@@ -60,4 +60,6 @@ def rebuild_command(manifest: dict, directory) -> str:
         command += f" --target {manifest['target']}"
     if isinstance(machine, dict) and machine.get("mcpu", "native") != "native":
         command += f" --mcpu {machine['mcpu']}"
+    if isinstance(manifest.get("quantize"), str):
+        command += f" --quantize {manifest['quantize']}"
     return command

@@ -102,4 +102,5 @@ FIELD_CHECKS = {
                                                      for k in v),
     "program": lambda v: v is None or v == "program",
     "tokenizer": lambda v: isinstance(v, bool),
+    "quantize": lambda v: v is None or isinstance(v, str),
 }

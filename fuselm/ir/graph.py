@@ -48,8 +48,9 @@ class Node(Value):
     # Where the node came from (the model's source line), for error messages and dumps.
     source: Optional[str] = field(default=None, compare=False)
 
-    def __repr__(self) -> str:
-        return f"Node({self.op}, {list(self.inputs)}, {self.attrs}, {self.type})"
+    def __repr__(self) -> str:  # inputs by kind, not recursively (a deep graph's repr stays short)
+        inputs = ", ".join(f"Node({v.op})" if isinstance(v, Node) else repr(v) for v in self.inputs)
+        return f"Node({self.op}, [{inputs}], {self.attrs}, {self.type})"
 
 
 @dataclass(eq=False)
@@ -82,6 +83,10 @@ class Graph:
         read |= {v.name for v in self.outputs if isinstance(v, Constant)}
         constants = {name: t for name, t in self.constants.items() if name in read}
         return self if len(constants) == len(self.constants) else Graph(self.inputs, self.nodes, self.outputs, constants)
+
+    def __repr__(self) -> str:  # pytest prints locals of failing tests: a summary, not every tensor
+        return (f"<Graph: {len(self.inputs)} inputs, {len(self.nodes)} nodes, {len(self.outputs)} outputs, "
+                f"{len(self.constants)} constants>")
 
     def op_counts(self) -> dict:
         counts: dict = {}

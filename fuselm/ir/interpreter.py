@@ -49,8 +49,10 @@ def concrete_attr(value, bindings: dict):
     return value
 
 
-def interpret(graph: Graph, *args):
-    """Run `graph` on tensors; returns the single output, or a tuple of outputs."""
+def interpret(graph: Graph, *args, observe=None):
+    """Run `graph` on tensors; returns the single output, or a tuple of outputs.
+    `observe(node, inputs)`, if given, sees each node's input tensors before it runs
+    (calibration collects activation statistics with it)."""
     bindings = bind_symbols(graph.inputs, args)
     env: dict = dict(zip(graph.inputs, args))
 
@@ -59,6 +61,9 @@ def interpret(graph: Graph, *args):
 
     for node in graph.nodes:
         attrs = {k: concrete_attr(v, bindings) for k, v in node.attrs.items()}
-        env[node] = get_op(node.op).reference(*(read(v) for v in node.inputs), **attrs)
+        inputs = [read(v) for v in node.inputs]
+        if observe is not None:
+            observe(node, inputs)
+        env[node] = get_op(node.op).reference(*inputs, **attrs)
     outputs = tuple(read(v) for v in graph.outputs)
     return outputs[0] if len(outputs) == 1 else outputs

@@ -53,7 +53,7 @@ def register(name: str, infer, reference, inputs=1, aliases_input: Optional[int]
 
 def all_ops() -> dict:
     """Every registered op, by name."""
-    from . import core_ops  # noqa: F401
+    from . import core_ops, quant_ops  # noqa: F401
 
     return dict(OPS)
 
@@ -71,7 +71,7 @@ def is_fallback(op: str) -> bool:
 
 
 def get_op(name: str) -> OpDef:
-    from . import core_ops  # noqa: F401  (registers the core ops on first use)
+    from . import core_ops, quant_ops  # noqa: F401  (register the ops on first use)
 
     if name not in OPS:
         raise IRTypeError(f"unknown op {name!r}")

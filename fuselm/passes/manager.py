@@ -63,10 +63,12 @@ TARGET_PASSES: dict = {
 }
 
 
-def pipeline(target: Optional[str] = None, donate_weights: bool = False) -> list:
+def pipeline(target: Optional[str] = None, donate_weights: bool = False, quantize: Optional[list] = None) -> list:
     """PIPELINE, then the passes of `target` (none when target is None). With
-    `donate_weights` the layout pass packs weights into their own storage (see layout.py)."""
-    passes = PIPELINE + TARGET_PASSES.get(target, [])
+    `donate_weights` the layout pass packs weights into their own storage (see layout.py).
+    `quantize`: the quantization passes (passes/quantize.py `quantization_passes`), run
+    on the fused graph, before the final dead-code pass and the target's passes."""
+    passes = PIPELINE[:-1] + list(quantize or []) + PIPELINE[-1:] + TARGET_PASSES.get(target, [])
     if donate_weights:
         passes = [(name, functools.partial(fn, donate_weights=True) if fn is prepack_weights else fn)
                   for name, fn in passes]

@@ -67,11 +67,12 @@ class LLMEngine:
                  max_num_seqs: int = 16, max_num_batched_tokens: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  enable_prefix_caching: bool = True, cache_dir: Optional[str] = None, forward=None,
-                 donate_weights: bool = False, enforce_eager: bool = False, dtype: Optional[torch.dtype] = None):
+                 donate_weights: bool = False, enforce_eager: bool = False, dtype: Optional[torch.dtype] = None,
+                 quantize=None):
         """`loaded`: a models.LoadedModel; its model is compiled here unless `forward` (a
         compiled forward in the LM contract) is given. `dtype`: what the forward computes
         in and the KV cache holds; None: the model's (needed when `loaded.model` is None,
-        as for a loaded artifact)."""
+        as for a loaded artifact). `quantize`: compile_lm's (a scheme or a QuantizeConfig)."""
         if loaded.tokenizer is None:
             raise ValueError(f"{loaded.source} has no tokenizer; the engine needs one")
         target = get_target(target)
@@ -83,7 +84,7 @@ class LLMEngine:
         if forward is None:
             from ..api import compile_lm  # the compiler sits above the runtime
 
-            forward = compile_lm(loaded, target, block_size, dtype, cache_dir, donate_weights)
+            forward = compile_lm(loaded, target, block_size, dtype, cache_dir, donate_weights, quantize)
         if donate_weights:
             release_module_weights(loaded.model)
         num_blocks = self._num_blocks(kv_cache_bytes, max_num_seqs, block_size, dtype, device)

@@ -9,6 +9,8 @@ launch arguments, so one kernel serves every value of the group's symbolic dimen
 
 Emitters, one file per kind of group:
   gemm.py             gemm with its epilogue (bias, activations, gated_silu, residual)
+  qgemm.py            qgemm: gemm over an int8 / int4 / nf4 weight dequantized in registers, or
+                      W8A8 int8 dots (LLM.int8's outlier features in float); gemm's epilogue
   matmul.py           matmul: batched, broadcast batch dims, operands read through their strides
   norm.py             rms_norm / layer_norm, optionally with the residual add
   attention.py        attention(q, k, v[, mask]) {causal, scale, gqa}, flash style
@@ -31,11 +33,11 @@ from pathlib import Path
 from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph
 from ..kernel import Kernel
-from . import attention, elementwise, gemm, kv_cache_write, matmul, norm, paged_attention, reduction
+from . import attention, elementwise, gemm, kv_cache_write, matmul, norm, paged_attention, qgemm, reduction
 from .host import plan_group, run_source
 from .module import IMPORTS, GeneratedKernel, load_module
 
-EMITTERS = {op: emitter for emitter in (gemm, matmul, norm, attention, paged_attention, kv_cache_write)
+EMITTERS = {op: emitter for emitter in (gemm, qgemm, matmul, norm, attention, paged_attention, kv_cache_write)
             for op in emitter.OPS}
 
 

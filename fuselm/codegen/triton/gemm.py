@@ -137,6 +137,20 @@ def _extra_tile(step: str, param: str, cols: str) -> str:
             f"mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)")
 
 
+# The program's output tile: programs walk M in groups of GROUP_M (L2 reuse of the weight
+# columns), each program one BLOCK_M x BLOCK_N tile.
+TILE_ORDER = """\
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+"""
+
+
 def _paren(expression: str) -> str:
     return expression if expression.isidentifier() else f"({expression})"
 
@@ -156,15 +170,7 @@ def {name}_kernel(
     UPCAST: tl.constexpr, DOT: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile per program; programs walk M in groups of GROUP_M."""
-    pid = tl.program_id(axis=0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+{TILE_ORDER}
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

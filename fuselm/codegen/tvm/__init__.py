@@ -14,6 +14,9 @@ this process built: a new size of a symbolic dim builds nothing.
 Emitters, one file per kind of group, each with `generate(group) -> (name, {function:
 PrimFunc})` and `make_run(group, functions) -> run`:
   gemm.py         gemm with its epilogue; GEMV forms for few rows, a packed GEMM above
+  qgemm.py        qgemm (a quantized weight: int8 / int4 / nf4, weight-only or W8A8, with
+                  outlier features) with gemm's epilogue: GEMV forms that dequantize in
+                  registers, a tiled form that unpacks panels per parallel block
   matmul.py       matmul (torch.matmul, batch dims broadcast): packed panels of b, a
                   register-tiled micro-kernel; b read in place when given transposed
   norm.py         rms_norm / layer_norm, optionally with the residual add
@@ -21,8 +24,8 @@ PrimFunc})` and `make_run(group, functions) -> run`:
                   ops: lowering.py holds the op -> TE table (attention.py adds attention),
                   then one generic schedule
   paged.py        paged_attention and kv_cache_write, in TVMScript (data-dependent loops)
-A gemm, matmul, norm or cache op may come with views (reshape, permute, ...) of its inputs
-before it and of its result after it: `run` applies those to the torch tensors.
+A gemm, qgemm, matmul, norm or cache op may come with views (reshape, permute, ...) of its
+inputs before it and of its result after it: `run` applies those to the torch tensors.
 
 This package is the only part of fuselm that imports tvm.
 """
@@ -79,13 +82,13 @@ class _Plan:
 
 
 def _plan(group: Graph) -> _Plan:
-    from . import elementwise, gemm, matmul, norm, paged
+    from . import elementwise, gemm, matmul, norm, paged, qgemm
 
     if group.constants:
         raise ValueError("a kernel group takes its weights as inputs; it holds no constants")
     if len(group.outputs) != 1:
         raise UnsupportedKernelError(f"a kernel group has one output, this one has {len(group.outputs)}")
-    single = {op: m for m in (gemm, matmul, norm, paged) for op in m.OPS}
+    single = {op: m for m in (gemm, matmul, norm, paged, qgemm) for op in m.OPS}
     ops = [node.op for node in group.nodes]
     if len(ops) == 1 and ops[0] in single:
         return _Plan(group, group, single[ops[0]])

@@ -267,31 +267,36 @@ def make_run(group: Graph, functions):
     """
     node = single_node(group)
     spec, positions = spec_of(node), operand_positions(group, node)
-    gemv1, gemv, gemm = (functions[name] for name in ("gemv1", "gemv", "gemm"))
-    K, n_out, widths = spec.K, spec.n_out, _extra_widths(spec)
-    x_at, w_at, extra_at = positions[0], positions[1], positions[2:]
+    return rows_run(functions, spec.K, spec.n_out, _extra_widths(spec), positions[0], positions[1:2], positions[2:])
 
-    def call(x2, w, extras, out2):
+
+def rows_run(functions: dict, K: int, n_out: int, widths: list, x_at: int, weight_at: list, extra_at: list):
+    """`make_run` of a gemm-like kernel (gemm, qgemm): x at `x_at` is flattened to rows,
+    its weight tensors (at `weight_at`) and epilogue inputs (at `extra_at`, of last dims
+    `widths`) passed on, and the form picked by rows."""
+    gemv1, gemv, gemm = (functions[name] for name in ("gemv1", "gemv", "gemm"))
+
+    def call(x2, weights, extras, out2):
         rows = x2.shape[0]
         if rows:
             form = gemv1 if rows == 1 else gemv if rows <= GEMV_MAX_ROWS else gemm
-            form(x2, w, *extras, out2)
+            form(x2, *weights, *extras, out2)
 
     def run(*args):
-        x, w = args[x_at], args[w_at]
+        x = args[x_at]
         lead = x.shape[:-1]
         out = torch.empty((*lead, n_out), dtype=x.dtype)
-        extras = [args[i] for i in extra_at]
+        weights, extras = [args[i] for i in weight_at], [args[i] for i in extra_at]
         if x.dim() == 2 and all(t.data_ptr() % KERNEL_ALIGNMENT == 0 for t in (x, *extras)):
             try:  # weights are aligned at compile time (api.compile)
-                call(x, w, extras, out)
+                call(x, weights, extras, out)
                 return out
             except ValueError:  # a strided or broadcast operand: take the general path
                 pass
         x2 = kernel_ready(x.reshape(-1, K))
         rows = x2.shape[0]
         extras = [kernel_ready(_flat_extra(t, lead, width, rows)) for t, width in zip(extras, widths)]
-        call(x2, kernel_ready(w), extras, out.view(rows, n_out))
+        call(x2, [kernel_ready(w) for w in weights], extras, out.view(rows, n_out))
         return out
 
     return run
