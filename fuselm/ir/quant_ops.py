@@ -161,7 +161,7 @@ def _dequantize(*parts, format, group_size, n, k, outliers=False):
     return w
 
 
-register("dequantize", _dequantize_infer, _dequantize, inputs=(2, 5))
+register("dequantize", _dequantize_infer, _dequantize, inputs=(2, 5), transient=True)
 
 
 def _quantize_dynamic_infer(types, attrs):
@@ -176,7 +176,7 @@ def _quantize_dynamic_infer(types, attrs):
 
 
 register("quantize_dynamic", _quantize_dynamic_infer, lambda x, keep=None, bits=8: quantize_rows(x, keep, bits),
-         inputs=(1, 2))
+         inputs=(1, 2), transient=True)
 
 
 def qgemm_parts(inputs: tuple, attrs: dict) -> tuple:

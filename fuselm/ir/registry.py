@@ -8,6 +8,9 @@ Flags that partition and both backends read (one place, not a list per layer):
   view      the result is a view of input 0 (reshape, permute, ...): no kernel of its own
   heavy     a kernel of its own (gemm, norms, attention...), never fused into another
   fallback  run by calling into torch (the `aten` op), never by a generated kernel
+  transient lives only between two passes that always run together (quantize inserts
+            `dequantize` / `quantize_dynamic`, fold_qgemm folds them into `qgemm`): no
+            kernel of its own; its reference runs it if a pipeline stops in between
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class OpDef:
     view: bool = False
     heavy: bool = False
     fallback: bool = False
+    transient: bool = False
 
     @property
     def has_side_effect(self) -> bool:
@@ -42,13 +46,13 @@ OPS: dict[str, OpDef] = {}
 
 
 def register(name: str, infer, reference, inputs=1, aliases_input: Optional[int] = None, *,
-             view: bool = False, heavy: bool = False, fallback: bool = False) -> None:
+             view: bool = False, heavy: bool = False, fallback: bool = False, transient: bool = False) -> None:
     """Register op `name`; `inputs` is a count or a (min, max) range (max None: variadic)."""
     low, high = inputs if isinstance(inputs, tuple) else (inputs, inputs)
     if name in OPS:
         raise ValueError(f"op {name!r} registered twice")
     OPS[name] = OpDef(name, infer, reference, low, high if high is not None else 1 << 30, aliases_input,
-                      view, heavy, fallback)
+                      view, heavy, fallback, transient)
 
 
 def all_ops() -> dict:
