@@ -34,6 +34,7 @@ from ...ir.core_ops import ACTIVATIONS as IR_ACTIVATIONS
 from ...ir.graph import Node
 from ...ir.quant_ops import NF4_LEVELS, qgemm_parts
 from .device_functions import ACTIVATIONS, mma_source
+from .gemm import _CONFIGS as GEMM_CONFIGS
 from .gemm import TILE_ORDER, TILE_PRODUCT, Epilogue, _paren
 from .module import OMIT, GeneratedKernel, drop_omitted, optional, torch_dtype_name
 
@@ -65,11 +66,7 @@ _CONFIGS = {
               dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, DOT=True)]),
         (None, [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, DOT=True)]),
     ],
-    "f32": [
-        (16, [dict(_SMALL, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3),
-              dict(_GEMV, BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, num_warps=4, num_stages=3)]),
-        (None, [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2, DOT=True)]),
-    ],
+    "f32": GEMM_CONFIGS["f32"],  # fp32 x: gemm's own tiles
     "int8": [  # W8A8: int8 x int8 tensor-core dots (K 32 per instruction)
         (16, [dict(_SMALL, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
               dict(_GEMV, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=4),
