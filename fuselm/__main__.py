@@ -1,6 +1,4 @@
 """`python -m fuselm ...`: the command line (fuselm/cli.py)."""
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

@@ -2,7 +2,7 @@
 (fuselm/artifact/builder.py does the work; `--help` lists the options)."""
 import sys
 
-from .cli import main
+from .cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["build", *sys.argv[1:]]))
+    run(["build", *sys.argv[1:]])

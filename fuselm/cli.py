@@ -18,6 +18,8 @@ one line `fuselm: error: ...` and exit status 2; Ctrl-C exits with status 130.
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
 import time
 
@@ -330,5 +332,26 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
 
 
+def run(argv=None):
+    """The process entry point (the `fuselm` script, `python -m fuselm[.cli|.serve|.build]`):
+    `main` and exit with its status.
+
+    After a Ctrl-C the status is 130 whatever the interrupt struck: CPython marks a
+    KeyboardInterrupt "unhandled" when it passes through an `exec` of a string (dataclasses
+    build their methods that way while torch imports) even if `main` caught it, and then ends
+    the process by re-raising SIGINT after `sys.exit(130)` (exit status -2 for a parent
+    process). So an interrupted run calls the exit handlers, flushes and leaves directly."""
+    status = main(argv)
+    if status == EXIT_INTERRUPTED:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said
+                pass
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -189,6 +189,22 @@ def test_ctrl_c_while_parsing_the_command_exits_130_without_a_traceback():
     assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
 
 
+def test_ctrl_c_inside_an_exec_of_a_string_still_exits_130(tmp_path):
+    """CPython marks a KeyboardInterrupt that passes through `exec("...")` (dataclasses,
+    while torch imports) as unhandled and re-raises SIGINT at exit (status -2) even though
+    main() caught it: the entry point must exit 130 all the same, also under `python -m`."""
+    (tmp_path / "interrupted_entry.py").write_text(
+        "import fuselm.cli as cli\n"
+        "def parser_interrupted_inside_an_exec():\n"
+        "    exec('import os, signal, time\\nos.kill(os.getpid(), signal.SIGINT)\\ntime.sleep(30)')\n"
+        "cli.build_parser = parser_interrupted_inside_an_exec\n"
+        "cli.run(['generate', 'hi'])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run([sys.executable, "-m", "interrupted_entry"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 130 and "fuselm: interrupted" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.slow
 def test_ctrl_c_at_the_chat_prompt_exits_130_without_a_traceback(smollm2_gguf):
     process = fuselm_subprocess("-m", "fuselm.cli", "chat", "--target", "cpu", stdin=subprocess.PIPE)

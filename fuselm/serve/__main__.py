@@ -1,6 +1,6 @@
 """`python -m fuselm.serve [options]`: the same as `fuselm serve [options]`."""
 import sys
 
-from ..cli import main
+from ..cli import run
 
-sys.exit(main(["serve", *sys.argv[1:]]))
+run(["serve", *sys.argv[1:]])
