@@ -22,6 +22,7 @@ model's weights afterwards needs a new compile.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import threading
@@ -44,7 +45,7 @@ from .ir.registry import get_op
 from .passes import CLEANUP, FUSION, run_passes
 from .passes.partition import KernelGroup, partition
 from .passes.quantize import quantization_passes
-from .quant.config import QuantizeConfig, quantize_config
+from .quant.config import PACKED, QuantizeConfig, quantize_config
 from .runtime.compiled_graph import CompiledGraph, KernelInfo  # noqa: F401  (KernelInfo: re-exported)
 from .runtime.executor import interpreted_kernel
 from .target import Target, get_target
@@ -223,7 +224,8 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
     with torch.no_grad(), target.importing(), flat_forward(model, signature) as output:
         graph = capture(model, tensors, dynamic, strict=options.strict)
         quantize = _quantization(model, signature, tensors, options)
-        graph = run_passes(graph, target.passes(options.donate_weights, quantize), dump_dir=options.dump_dir)
+        passes = target.passes(options.donate_weights, quantize, _packed_weights(options.quantize))
+        graph = run_passes(graph, passes, dump_dir=options.dump_dir)
     model.train(training)
     graph.constants.update(target.prepare_weights(graph.constants))
     steps = partition(graph)
@@ -261,6 +263,20 @@ def _quantization(model: torch.nn.Module, signature: CallSignature, tensors: tup
         return run_passes(graph, CLEANUP + FUSION)
 
     return quantization_passes(config, samples, recapture)
+
+
+def _packed_weights(config: Optional[QuantizeConfig]):
+    """The pass serving a loaded checkpoint's packed weights (quantize="gguf"), or None."""
+    if config is None or config.scheme != PACKED:
+        return None
+    if not config.packed:
+        raise FuselmError("quantize='gguf' serves the quantized tensors of a GGUF file as fuselm loaded them: "
+                          "use fuselm.LLM(model=FILE.gguf, quantize='gguf'), or compile the model of "
+                          "fuselm.models.load(FILE.gguf, packed=True) with quantize=QuantizeConfig('gguf', "
+                          "packed=loaded.packed)")
+    from .passes.packed_weights import use_packed_weights
+
+    return ("packed_weights", functools.partial(use_packed_weights, packed=config.packed))
 
 
 def _call_tensors(model: torch.nn.Module, signature: CallSignature, sample, index: int) -> tuple:
@@ -335,6 +351,8 @@ def compile_lm(loaded, target: Union[str, Target], block_size: int, dtype: torch
     model = loaded.model.to(target.device)
     example = tuple(t.to(target.device) for t in example)
     config = quantize_config(quantize)
+    if config is not None and config.loads_packed:
+        config = config.with_packed(loaded.packed)
     if config is not None and config.needs_calibration and loaded.config.model_type != "bert":
         prompts = calibration_prompts(loaded.tokenizer, config.calibration, loaded.config.vocab_size)
         sample = pack_prompts(loaded.config, prompts, block_size=block_size, all_logits=True, dtype=dtype)

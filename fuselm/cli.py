@@ -235,10 +235,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_quantize_option(parser: argparse.ArgumentParser) -> None:
-    from .quant.config import SCHEMES
+    from .quant.config import PACKED, SCHEMES
 
-    parser.add_argument("--quantize", default="none", choices=["none", *SCHEMES], metavar="SCHEME",
-                        help=f"quantize the weights: none or one of {', '.join(SCHEMES)}")
+    parser.add_argument("--quantize", default="none", choices=["none", *SCHEMES, PACKED], metavar="SCHEME",
+                        help=f"quantize the weights: none or one of {', '.join(SCHEMES)}; {PACKED}: serve a "
+                             ".gguf file's own Q4_0/Q4_1/Q8_0 tensors as they are")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:

@@ -61,10 +61,12 @@ class LLM:
             self.engine = _artifact_engine(model, target, dtype, block_size, options)
         else:
             from .models import load
+            from .quant.config import loads_packed
 
             target = get_target(target)
+            packed = loads_packed(quantize)  # a bad quantize= is refused before the model loads
             with target.importing():
-                loaded = load(model, dtype=dtype or target.default_dtype)
+                loaded = load(model, dtype=dtype or target.default_dtype, packed=packed)
                 self.engine = LLMEngine(loaded, target, block_size=block_size or DEFAULT_BLOCK_SIZE,
                                         donate_weights=True, quantize=quantize, **options)  # the model is ours alone
         self.target, self.tokenizer = self.engine.target, self.engine.tokenizer

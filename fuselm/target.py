@@ -53,12 +53,12 @@ class Target:
                               f"{spelling.format('cpu')}, or set TRITON_INTERPRET=1 to run the Triton kernels "
                               "in Triton's interpreter")
 
-    def passes(self, donate_weights: bool = False, quantize: Optional[list] = None) -> list:
+    def passes(self, donate_weights: bool = False, quantize: Optional[list] = None, packed_weights=None) -> list:
         """The pass pipeline for this target: the generic passes (with the quantization
-        passes, if any), then its own."""
+        and packed-weight passes, if any), then its own."""
         from .passes import pipeline
 
-        return pipeline(self.name, donate_weights, quantize)
+        return pipeline(self.name, donate_weights, quantize, packed_weights)
 
     def prepare_weights(self, constants: dict) -> dict:
         """The graph's constants as this target's kernels read them."""

@@ -1,14 +1,14 @@
 """A generated cpu (TVM) kernel for every IR op, against the reference interpreter.
 
 Every op of the registry that is not a view, not a fallback and not one of the ops with
-tests of their own (gemm, norms, attention, cache ops, rope, embedding) has cases here:
-a group of that one op, built once with a symbolic dim T and run at T = 1 and an odd
-size, serial and parallel (so `build_count` proves a new size builds nothing), at odd
-static sizes, broadcast operands, negative dims, keepdim both ways and the dtypes the
-op takes. matmul also runs on transposed, strided and broadcast (expanded) operands
-and behind views. Each op shares its lowering with its siblings (the unary, binary,
-comparison, reduction tables), so the dtype cases rotate over siblings to keep builds
-few.
+tests of their own (gemm, qgemm, norms, attention, cache ops, rope, embedding,
+qembedding) has cases here: a group of that one op, built once with a symbolic dim T and
+run at T = 1 and an odd size, serial and parallel (so `build_count` proves a new size
+builds nothing), at odd static sizes, broadcast operands, negative dims, keepdim both
+ways and the dtypes the op takes. matmul also runs on transposed, strided and broadcast
+(expanded) operands and behind views. Each op shares its lowering with its siblings (the
+unary, binary, comparison, reduction tables), so the dtype cases rotate over siblings to
+keep builds few.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from fuselm.ir.registry import all_ops
 
 T = symbol("T")
 DEDICATED = {"gemm", "qgemm", "layer_norm", "rms_norm", "attention", "paged_attention", "kv_cache_write", "rope",
-             "embedding"}
+             "embedding", "qembedding"}
 
 
 @dataclass

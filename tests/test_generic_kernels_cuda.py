@@ -1,11 +1,12 @@
 """A generated `cuda` kernel for every IR op, run in Triton's interpreter against `ir.interpret`.
 
 Every op of the registry that is not a view, a fallback or one with dedicated tests
-(test_codegen_triton.py: gemm, norms, attention, the cache ops, rope, embedding) gets
-one-op groups at odd shapes: size-1 dims, sizes that do not divide the blocks, broadcast
-batch dims, negative dims, keepdim both ways, f32 and f16, integers and bools where the
-op takes them. Multi-op groups come from `partition` of small graphs (a manual softmax,
-a manual layer norm, a masked_fill before softmax) and run through the executor.
+(test_codegen_triton.py: gemm, norms, attention, the cache ops, rope, embedding; and
+test_qgemm_cuda.py, test_qembedding.py) gets one-op groups at odd shapes: size-1 dims,
+sizes that do not divide the blocks, broadcast batch dims, negative dims, keepdim both
+ways, f32 and f16, integers and bools where the op takes them. Multi-op groups come from
+`partition` of small graphs (a manual softmax, a manual layer norm, a masked_fill before
+softmax) and run through the executor.
 """
 import os
 
@@ -25,7 +26,7 @@ from fuselm.ir.registry import all_ops  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
 DEDICATED = {"gemm", "qgemm", "layer_norm", "rms_norm", "attention", "paged_attention", "kv_cache_write", "rope",
-             "embedding"}
+             "embedding", "qembedding"}
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 2e-2}
 
 

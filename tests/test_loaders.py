@@ -178,8 +178,9 @@ def permute_like_llama_cpp(weight: torch.Tensor, num_heads: int) -> torch.Tensor
             .transpose(1, 2).reshape(weight.shape))
 
 
-def write_tiny_llama_gguf(path, hf_model, config):
-    """A GGUF file of a tiny HF Llama written the way llama.cpp's converter writes it."""
+def write_tiny_llama_gguf(path, hf_model, config, quantized=None):
+    """A GGUF file of a tiny HF Llama written the way llama.cpp's converter writes it;
+    `quantized(gguf_name)`: the GGMLQuantizationType of a matrix (None: f16)."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -197,12 +198,18 @@ def write_tiny_llama_gguf(path, hf_model, config):
     writer.add_token_types([3] + [1] * (config.vocab_size - 1))
     writer.add_eos_token_id(0)
     for name, tensor in hf_model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # a tied file has no output.weight: the embedding serves both
         module = name.removesuffix(".weight")
         gguf_name = TOP_LEVEL_GGUF_NAMES.get(module) or tiny_gguf_layer_name(module)
         if name.endswith("q_proj.weight"):
             tensor = permute_like_llama_cpp(tensor, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             tensor = permute_like_llama_cpp(tensor, config.num_key_value_heads)
+        kind = quantized(gguf_name + ".weight") if quantized is not None and tensor.dim() == 2 else None
+        if kind is not None:
+            writer.add_tensor(gguf_name + ".weight", gguf.quants.quantize(tensor.numpy(), kind), raw_dtype=kind)
+            continue
         data = tensor.numpy().astype(np.float16 if tensor.dim() == 2 else np.float32)
         writer.add_tensor(gguf_name + ".weight", data)
     writer.write_header_to_file()
@@ -236,7 +243,7 @@ def test_tiny_llama_gguf_round_trip(tmp_path):
     hf_model, config = tiny_hf_llama()
     path = tmp_path / "tiny.gguf"
     write_tiny_llama_gguf(path, hf_model, config)
-    ours, state_dict, tokenizer = load_gguf(path)
+    ours, state_dict, tokenizer, _ = load_gguf(path)
     assert (ours.num_key_value_heads, ours.tie_word_embeddings, ours.eos_token_id) == (2, False, 0)
     assert tokenizer.eos_token_ids == (0,) and tokenizer.encode("ab<|end|>") == [1, 2, 0]
     for name, reference in hf_model.state_dict().items():

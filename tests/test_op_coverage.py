@@ -38,6 +38,10 @@ def dedicated_group(op: str):
     if op == "embedding":
         ids = b.input("ids", TensorType((T,), "i64"))
         return b.build([b.op(op, b.input("table", TensorType((32, 16), "f32")), ids)])
+    if op == "qembedding":
+        ids = b.input("ids", TensorType((T,), "i64"))
+        q, scale = b.input("q", TensorType((32, 16), "u8")), b.input("scale", TensorType((32, 1), "f16"))
+        return b.build([b.op(op, ids, q, scale, format="nf4", group_size=32, n=32, k=16)])
     if op == "rope":
         heads = b.input("q", TensorType((T, 2, 16), "f32"))
         return b.build([b.op(op, heads, x, b.input("sin", TensorType((T, 16), "f32")))])

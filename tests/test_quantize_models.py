@@ -6,6 +6,8 @@ the IR interpreter, which runs qgemm by its reference: teacher-forced top-1 agre
 with the fp32 model over English text (the standard library's pydoc topics), and
 MiniLM sentence-embedding cosine similarity.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,9 +15,11 @@ import torch.nn.functional as F
 from fuselm import ir
 from fuselm.frontend import capture
 from fuselm.ir.graph import Constant
+from fuselm.models import load
 from fuselm.models.bert import sentence_embeddings
 from fuselm.models.contract import capture_example, pack_prompts
 from fuselm.passes import pipeline, run_passes
+from fuselm.passes.packed_weights import use_packed_weights
 from fuselm.passes.quantize import quantization_passes
 from fuselm.quant import QuantizeConfig
 from fuselm.quant.calibration import calibration_prompts, default_text
@@ -94,6 +98,25 @@ def test_smollm2_top1_agreement_with_fp32(smollm2_fused, smollm2, smollm2_text, 
     assert logits.shape[0] >= 512
     agreement = (logits.argmax(-1) == smollm2_fp32_logits.argmax(-1)).float().mean().item()
     assert agreement >= least, agreement
+
+
+def test_smollm2_gguf_serves_the_files_own_blocks_with_the_same_logits(smollm2, smollm2_fused, smollm2_text,
+                                                                       smollm2_fp32_logits):
+    """quantize="gguf": the Q4_1 layers and the tied Q8_0 embedding/head as the file holds
+    them; the fp32 reference is the same file dequantized (what `load` gives)."""
+    packed = load(smollm2.source, packed=True)
+    example, dynamic = capture_example(packed.config)
+    passes = pipeline(quantize=quantization_passes(QuantizeConfig("gguf")),
+                      packed_weights=("packed_weights", functools.partial(use_packed_weights, packed=packed.packed)))
+    served = run_passes(capture(packed.model, example, dynamic), passes)
+    counts = served.op_counts()
+    assert "gemm" not in counts and counts["qgemm"] == smollm2_fused.op_counts()["gemm"] and counts["qembedding"] == 1
+    for node in (n for n in served.nodes if n.op == "qgemm"):
+        parts = dict(zip(node.attrs["parts"], node.inputs[1:]))
+        stored = sum(served.constants[v.name].numel() * served.constants[v.name].element_size() for v in parts.values())
+        assert stored / (node.attrs["n"] * node.attrs["k"] * 4) <= MAX_BYTES[node.attrs["format"]]
+    logits = ir.interpret(served, *_fresh(smollm2_text))[0]
+    assert ((logits - smollm2_fp32_logits).abs().max() / smollm2_fp32_logits.abs().max()).item() <= 1e-4
 
 
 SENTENCES = [

@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 from ..codegen.cache import KernelCache
 from ..errors import ArtifactError, FuselmError
-from ..quant.config import quantize_config
+from ..quant.config import loads_packed, quantize_config
 from ..target import Target, get_target
 from .machine import check_mcpu, code_settings, requirements
 from .verify import running_versions
@@ -50,7 +50,7 @@ def build(model: Union[str, Path], output: Union[str, Path], *, target: Union[st
     check_options(output, target, mcpu, quantize)  # refused before minutes of work, not after
     with _phases(progress) as phase, staged(output) as staging, code_settings(target, mcpu):
         phase("load")
-        loaded = load(model, dtype=target.default_dtype)
+        loaded = load(model, dtype=target.default_dtype, packed=loads_packed(quantize))
         max_model_len = check_max_model_len(max_model_len, loaded.config)
         phase("capture+passes+kernels")
         causal = loaded.config.model_type != "bert"  # as models.contract.capture_example tells them apart

@@ -3,9 +3,9 @@ must move to and from memory, from the group's IR and the tensors it was given.
 
 This is the roofline's minimum, not a count of what the generated code does: each
 input is read once and the output written once, except where an op reads a part of
-its input. An embedding or index_select reads the rows it gathers, not the table;
-paged attention reads the K and V of each sequence's context, not the whole cache; a
-cache write writes the new rows and reads nothing of the cache. FLOPs: 2·M·N·K per
+its input. An embedding, qembedding or index_select reads the rows it gathers, not the
+table; paged attention reads the K and V of each sequence's context, not the whole cache;
+a cache write writes the new rows and reads nothing of the cache. FLOPs: 2·M·N·K per
 gemm, 4·heads·dim per (query, key) pair attended (causal: a new token sees its prefix),
 about 5 per element for norms and 1 for any other element computed; views are free.
 """
@@ -117,6 +117,15 @@ def _gathered_rows(node: Node, sizes: dict, tensors: dict) -> int:
     return _numel(node, sizes) * _itemsize(node)
 
 
+def _gathered_part_rows(position: int):
+    """qembedding's rule for its part at `position`: the rows of it that the ids select."""
+    def rule(node: Node, sizes: dict, tensors: dict) -> int:
+        part = node.inputs[position]
+        return _numel(node.inputs[0], sizes) * _numel(part, sizes) // part.type.shape[0] * _itemsize(part)
+
+    return rule
+
+
 def _context_kv(node: Node, sizes: dict, tensors: dict) -> int:
     """K and V of the context of every sequence: cache [L, 2, blocks, block, heads, dim]."""
     cache, context_lens = node.inputs[1], tensors.get(node.inputs[3])
@@ -129,6 +138,7 @@ PARTIAL_READS = {
     ("embedding", 0): _gathered_rows,
     ("index_select", 0): _gathered_rows,
     ("gather", 0): _gathered_rows,
+    **{("qembedding", position): _gathered_part_rows(position) for position in (1, 2, 3)},
     ("paged_attention", 1): _context_kv,
     ("kv_cache_write", 0): lambda node, sizes, tensors: 0,
 }

@@ -99,13 +99,20 @@ def filler(name: str, type: TensorType, device, scale: float = WEIGHT_SCALE) -> 
     return torch.zeros(shape, dtype=type.torch_dtype, device=device)
 
 
+# The gathers over a table: (position of the ids, position of the table or its q part).
+EMBEDDINGS = {"embedding": (1, 0), "qembedding": (0, 1)}
+
+
 def check_embedding_indices(graph, tensors: tuple) -> None:
     """Kernels do not bounds-check: an id past an embedding table (a position past
     GPT-2's 1024) would read outside it. Refuse such sizes instead."""
     by_input = dict(zip(graph.inputs, tensors))
     for node in graph.nodes:
-        if node.op == "embedding" and node.inputs[1] in by_input:
-            ids, rows = by_input[node.inputs[1]], node.inputs[0].type.shape[0]
+        if node.op not in EMBEDDINGS:
+            continue
+        ids_at, table_at = EMBEDDINGS[node.op]
+        if node.inputs[ids_at] in by_input:
+            ids, rows = by_input[node.inputs[ids_at]], node.inputs[table_at].type.shape[0]
             if ids.numel() and isinstance(rows, int) and int(ids.max()) >= rows:
-                raise InspectError(f"%{node.inputs[1].name} reaches {int(ids.max())}, past the {rows} rows of the "
-                                   f"embedding it indexes: use a smaller --context or --tokens")
+                raise InspectError(f"%{node.inputs[ids_at].name} reaches {int(ids.max())}, past the {rows} rows of "
+                                   f"the embedding it indexes: use a smaller --context or --tokens")

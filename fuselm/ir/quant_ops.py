@@ -1,4 +1,4 @@
-"""Quantized weights and the ops that read them: dequantize, quantize_dynamic, qgemm.
+"""Quantized weights and the ops that read them: dequantize, quantize_dynamic, qgemm, qembedding.
 
 A quantized [n, k] weight is a few tensors (its "parts") in one of three formats; the
 quantization passes (passes/quantize.py) write them and every kernel reads them as
@@ -27,6 +27,10 @@ Ops (attrs `format`, `group_size`, `n`, `k` describe the weight):
       "offset", "keep", "w_keep"). activations "float": y = x @ w.T; "int8": x (times
       `smooth`, SmoothQuant's per-feature factor, when present) is quantize_dynamic'd
       first, so a kernel multiplies int8 by int8 into int32. Then the gemm epilogue.
+  qembedding(ids, q, scale[, offset]) -> f32 [*ids.shape, k]: the rows `ids` (i64 or i32,
+      any shape) of the quantized [n, k] table, dequantized: embedding over a quantized
+      table (GGUF's tied Q8_0 token embedding) without the fp32 table; only the gathered
+      rows are ever dequantized, in the reference and in the kernels alike
 """
 from __future__ import annotations
 
@@ -140,21 +144,31 @@ def _expect(op: str, name: str, t: TensorType, shape: tuple, dtypes: tuple) -> N
         raise IRTypeError(f"{op}: {name} must be {wanted} [{', '.join(map(str, shape))}], got {t}")
 
 
-def _dequantize_parts(types: list, attrs: dict) -> dict:
-    names = ["q", "scale"] + (["offset"] if attrs.get("format") == "int4" else [])
-    names += ["keep", "w_keep"] if attrs.get("outliers") else []
+def _part_names(fmt: str, outliers: bool = False) -> list:
+    """The names of a weight's parts in input order: q, scale[, offset][, keep, w_keep]."""
+    return ["q", "scale"] + (["offset"] if fmt == "int4" else []) + (["keep", "w_keep"] if outliers else [])
+
+
+def _weight_parts(op: str, types: list, attrs: dict, outliers: bool = False) -> dict:
+    """{part name: type} of an op whose inputs are the weight's parts in input order;
+    their count must be the format's."""
+    fmt = attrs.get("format")
+    if fmt not in FORMATS:
+        raise IRTypeError(f"{op}: format {fmt!r} is not one of {FORMATS}")
+    names = _part_names(fmt, outliers)
     if len(types) != len(names):
-        raise IRTypeError(f"dequantize {attrs.get('format')}: takes {names}, got {len(types)} inputs")
+        raise IRTypeError(f"{op}: a {fmt} weight is {names}, got {len(types)} inputs")
     return dict(zip(names, types))
 
 
 def _dequantize_infer(types, attrs):
-    _, n, k = _check_weight("dequantize", _dequantize_parts(types, attrs), attrs)
+    parts = _weight_parts("dequantize", types, attrs, outliers=attrs.get("outliers", False))
+    _, n, k = _check_weight("dequantize", parts, attrs)
     return TensorType((n, k), "f32")
 
 
 def _dequantize(*parts, format, group_size, n, k, outliers=False):
-    named = dict(zip(["q", "scale"] + (["offset"] if format == "int4" else []) + (["keep", "w_keep"] if outliers else []), parts))
+    named = dict(zip(_part_names(format, outliers), parts))
     w = dequantize_weight(named["q"], named["scale"], named.get("offset"), format=format, group_size=group_size, n=n, k=k)
     if outliers:
         w = w.index_copy(1, named["keep"], named["w_keep"])
@@ -220,3 +234,24 @@ def qgemm_reference(x, *inputs, format, group_size, n, k, parts, activations="fl
 
 
 register("qgemm", _qgemm_infer, qgemm_reference, inputs=(3, None), heavy=True)
+
+
+# ----------------------------------------------------------------------------- qembedding
+def _qembedding_infer(types, attrs):
+    ids = types[0]
+    _, _, k = _check_weight("qembedding", _weight_parts("qembedding", types[1:], attrs), attrs)
+    if ids.dtype not in ("i64", "i32"):
+        raise IRTypeError(f"qembedding: ids must be i64 or i32, got {ids}")
+    return TensorType(ids.shape + (k,), "f32")
+
+
+def qembedding_reference(ids, q, scale, offset=None, *, format, group_size, n, k):
+    """The rows `ids` of the quantized table: each part's rows gathered, then only those
+    dequantized (a 49152-row table is never dequantized whole)."""
+    rows = ids.reshape(-1).long()
+    gathered = [None if part is None else part.index_select(0, rows) for part in (q, scale, offset)]
+    w = dequantize_weight(*gathered, format=format, group_size=group_size, n=rows.numel(), k=k)
+    return w.reshape(*ids.shape, k)
+
+
+register("qembedding", _qembedding_infer, qembedding_reference, inputs=(3, 4))

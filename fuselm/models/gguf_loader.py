@@ -12,6 +12,18 @@ Hugging Face checkpoint. The tied output layer is left out, as in a Hugging Face
 checkpoint of a model with `tie_word_embeddings`.
 
 Only the `llama` architecture is supported.
+
+With `packed=True` (quantize="gguf"), Q4_0, Q4_1 and Q8_0 matrices are not dequantized:
+each becomes a PackedWeight (quant/packed.py) whose parts are the file's blocks re-laid
+out, bytes unchanged: a block of 32 weights is an f16 scale d (Q4_1 also an f16 minimum
+m) and its codes, and the formats of ir/quant_ops.py take them as they are:
+
+  Q8_0  "int8", group 32: q = the int8 codes, scale = d            w = q * d
+  Q4_0  "int4", group 32: q = the 16 code bytes, scale = d, offset = -8 d   w = (q - 8) d
+  Q4_1  "int4", group 32: q = the 16 code bytes, scale = d, offset = m      w = q d + m
+
+(GGUF's 4-bit byte j of a block holds element j in its low nibble and j + 16 in its high
+one: the int4 chunk layout.) The rotary row order is undone on every part alike.
 """
 from __future__ import annotations
 
@@ -21,6 +33,8 @@ from typing import Any
 
 import torch
 
+from ..codegen.memory import kernel_ready
+from ..quant.packed import PackedWeight, PackedWeights
 from .config import LlamaConfig
 from .tokenizer import Tokenizer
 
@@ -45,11 +59,15 @@ LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 NOT_WEIGHTS = ("rope_freqs.weight",)  # llama.cpp's precomputed rope scaling factors
 
 
-def load_gguf(path) -> tuple[LlamaConfig, dict[str, torch.Tensor], Tokenizer]:
-    """The config, the Hugging Face-named fp32 state dict and the tokenizer of a GGUF file."""
+def load_gguf(path, packed: bool = False, dtype: torch.dtype = torch.float32
+              ) -> tuple[LlamaConfig, dict[str, torch.Tensor], Tokenizer, PackedWeights]:
+    """The config, the Hugging Face-named fp32 state dict, the tokenizer of a GGUF file and
+    its packed weights (empty unless `packed`: then the state dict holds their stand-ins,
+    of `dtype`)."""
     reader = open_gguf(Path(path))
     config = read_config(reader)
-    return config, read_state_dict(reader, config), Tokenizer.from_gguf(reader)
+    state_dict, weights = read_state_dict(reader, config, packed, dtype)
+    return config, state_dict, Tokenizer.from_gguf(reader), weights
 
 
 def open_gguf(path: Path):
@@ -105,14 +123,50 @@ def check_no_rope_scaling(reader, architecture: str) -> None:
         raise ValueError(f"GGUF rope scaling {scaling!r} is not supported by fuselm's Llama")
 
 
-def read_state_dict(reader, config: LlamaConfig) -> dict[str, torch.Tensor]:
-    state_dict = {}
+def read_state_dict(reader, config: LlamaConfig, packed: bool = False, dtype: torch.dtype = torch.float32
+                    ) -> tuple[dict[str, torch.Tensor], PackedWeights]:
+    state_dict, weights = {}, []
     for tensor in reader.tensors:
         if tensor.name in NOT_WEIGHTS:
             continue
         name = hf_name(tensor.name)
-        state_dict[name] = undo_rotary_permutation(name, dequantize(tensor), config)
-    return state_dict
+        weight = packed_weight(tensor, name, config, dtype) if packed else None
+        if weight is not None:
+            weights.append(weight)
+            state_dict[name] = weight.standin
+        else:
+            state_dict[name] = undo_rotary_permutation(name, dequantize(tensor), config)
+    return state_dict, PackedWeights(weights)
+
+
+# GGUF type name -> (format, bytes of the block before its codes: the f16 scale [and minimum])
+PACKED_TYPES = {"Q8_0": ("int8", 2), "Q4_0": ("int4", 2), "Q4_1": ("int4", 4)}
+BLOCK = 32  # weights per block in all three
+
+
+def packed_weight(tensor, name: str, config: LlamaConfig, dtype: torch.dtype = torch.float32):
+    """The PackedWeight of a Q8_0 / Q4_0 / Q4_1 matrix (see the module docstring), or None
+    for any other tensor (those load as fp32)."""
+    import numpy as np
+
+    kind = tensor.tensor_type.name
+    if kind not in PACKED_TYPES or len(tensor.shape) != 2:
+        return None
+    fmt, header = PACKED_TYPES[kind]
+    k, n = (int(d) for d in tensor.shape)
+    blocks = np.asarray(tensor.data).reshape(n, k // BLOCK, -1)
+
+    def part(values, dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values).view(dtype).reshape(n, -1))
+
+    scale = part(blocks[:, :, 0:2], np.float16)
+    parts = {"q": part(blocks[:, :, header:], np.int8 if fmt == "int8" else np.uint8), "scale": scale}
+    if kind == "Q4_0":
+        parts["offset"] = scale * -8  # (q - 8) d: exact in f16 (a power of two)
+    elif kind == "Q4_1":
+        parts["offset"] = part(blocks[:, :, 2:4], np.float16)
+    parts = {key: kernel_ready(undo_rotary_permutation(name, t, config)) for key, t in parts.items()}
+    return PackedWeight(fmt, BLOCK, parts, (n, k), dtype)
 
 
 def hf_name(gguf_name: str) -> str:

@@ -5,17 +5,22 @@ Face directory (config.json + safetensors) or a `.gguf` file. The model class fo
 `config.model_type`; the checkpoint's Hugging Face-named state dict goes through that
 model module's `hf_to_fuselm_state_dict` and loads strictly. The model comes back in
 eval mode, in `dtype`, with gradients off.
+
+`packed=True` keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 matrices as they are
+(quant/packed.py): the model holds float stand-ins of no memory for them, and
+`LoadedModel.packed` the parts, which quantize="gguf" compiles into its kernels.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
 from ..codegen.memory import kernel_ready
+from ..quant.packed import PackedWeights
 from . import hub
 from .tokenizer import Tokenizer
 
@@ -33,14 +38,16 @@ class LoadedModel:
     tokenizer: Optional[Tokenizer]  # None for a Hugging Face directory without tokenizer.json
     config: Any               # LlamaConfig | GPT2Config | BertConfig
     source: Path
+    packed: PackedWeights = field(default_factory=PackedWeights)  # with load(..., packed=True)
 
 
-def load(name_or_path: Union[str, Path], dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a named model (see `hub.NAMED_MODELS`), a Hugging Face directory or a .gguf file."""
+def load(name_or_path: Union[str, Path], dtype: torch.dtype = torch.float32, packed: bool = False) -> LoadedModel:
+    """Load a named model (see `hub.NAMED_MODELS`), a Hugging Face directory or a .gguf file
+    (`packed`: its quantized matrices kept as they are; a GGUF file only)."""
     source = resolve_source(name_or_path)
-    config, state_dict, tokenizer = read_checkpoint(source)
-    model = build_model(config, state_dict, dtype, source)
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=source)
+    config, state_dict, tokenizer, weights = read_checkpoint(source, packed, dtype)
+    model = build_model(config, state_dict, dtype, source, weights)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=source, packed=weights)
 
 
 def resolve_source(name_or_path: Union[str, Path]) -> Path:
@@ -53,16 +60,20 @@ def resolve_source(name_or_path: Union[str, Path]) -> Path:
     return path
 
 
-def read_checkpoint(source: Path):
-    """(config, Hugging Face-named state dict, tokenizer) of a directory or a .gguf file."""
+def read_checkpoint(source: Path, packed: bool = False, dtype: torch.dtype = torch.float32):
+    """(config, Hugging Face-named state dict, tokenizer, packed weights) of a directory or
+    a .gguf file."""
+    if source.suffix.lower() == ".gguf" and source.is_file():
+        from .gguf_loader import load_gguf
+
+        return load_gguf(source, packed, dtype)
+    if packed:
+        raise ValueError(f"{source}: quantize='gguf' serves the quantized tensors of a .gguf file, and this is not "
+                         "one; quantize it with a scheme instead (int8, int4-g32, ...)")
     if source.is_dir():
         from .hf_loader import load_hf_dir
 
-        return load_hf_dir(source)
-    if source.suffix.lower() == ".gguf":
-        from .gguf_loader import load_gguf
-
-        return load_gguf(source)
+        return (*load_hf_dir(source), PackedWeights())
     raise ValueError(f"{source}: expected a Hugging Face model directory or a .gguf file")
 
 
@@ -74,9 +85,11 @@ def model_class(model_type: str) -> type:
 
 
 def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
-                source: Optional[Path] = None) -> torch.nn.Module:
+                source: Optional[Path] = None, packed: Optional[PackedWeights] = None) -> torch.nn.Module:
     """The model of `config` holding the checkpoint's tensors; `source` (the directory or
-    file they came from) is what errors about a wrong tensor name."""
+    file they came from) is what errors about a wrong tensor name. The stand-ins of
+    `packed` weights are held as they are (no dtype, no copy)."""
+    packed = packed or PackedWeights()
     cls = model_class(config.model_type)
     convert = importlib.import_module(cls.__module__).hf_to_fuselm_state_dict
     with torch.device("meta"):  # no memory for the random init the checkpoint overwrites
@@ -93,7 +106,7 @@ def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
         tensor = converted.pop(name)  # popped, so each original is freed once converted
         key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
         if key not in ready:
-            ready[key] = kernel_ready(tensor.to(dtype))
+            ready[key] = tensor if packed.of(tensor) is not None else kernel_ready(tensor.to(dtype))
         weights[name] = ready[key]
     model.load_state_dict(weights, strict=True, assign=True)
     retie_shared_parameters(model)

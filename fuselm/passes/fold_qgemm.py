@@ -14,16 +14,7 @@ from __future__ import annotations
 
 from ..ir.graph import Constant, Graph, Node, transform
 from .base import counters
-
-
-def _dequantized(w) -> tuple:
-    """(cast-free dequantize node, the cast dtype or None) of a gemm weight, or (None, None)."""
-    dtype = None
-    if isinstance(w, Node) and w.op == "cast":
-        w, dtype = w.inputs[0], w.attrs["dtype"]
-    if isinstance(w, Node) and w.op == "dequantize" and all(isinstance(v, Constant) for v in w.inputs):
-        return w, dtype
-    return None, None
+from .weights import dequantized_weight
 
 
 def _part_names(dequantize: Node) -> list:
@@ -36,7 +27,7 @@ def fold_qgemm(graph: Graph) -> Graph:
         # `inputs` are values of the new graph, and so is everything upstream of them.
         if node.op != "gemm":
             return None
-        dequantize, _ = _dequantized(inputs[1])
+        dequantize, _ = dequantized_weight(inputs[1])
         if dequantize is None:
             return None
         parts = dict(zip(_part_names(dequantize), dequantize.inputs))

@@ -9,8 +9,8 @@ concatenated weight [Wg; Wu] with the `gated_silu` step, which halves the column
 from __future__ import annotations
 
 from ..ir.types import dims_equal
-from .patterns import Any, Const, Op, Rule, rewrite
-from .weights import concatenated_constant
+from .patterns import Any, Op, Rule, rewrite
+from .weights import concatenated_weight, is_gemm_weight
 
 def _no_epilogue(epilogue) -> bool:
     return not epilogue
@@ -48,10 +48,12 @@ def _silu(builder, m):
 
 
 def _gated_silu(builder, m):
-    gate, up = m.wg, m.wu
+    gate, up = m.old("wg"), m.old("wu")
     if not gate.type.same_as(up.type):
         return None
-    fused = concatenated_constant(builder, [gate, up])
+    fused = concatenated_weight(builder, [gate, up])
+    if fused is None:  # dequantized weights of different formats
+        return None
     return builder.op("gemm", m.x, fused, epilogue=("gated_silu",), source=m.old("up").source)
 
 
@@ -72,8 +74,8 @@ RULES = [
         "gated_silu",
         Op(
             "mul",
-            Op("silu", Op("gemm", Any("x"), Const("wg"), epilogue=_no_epilogue)),
-            Op("gemm", Any("x"), Const("wu"), epilogue=_no_epilogue, bind="up"),
+            Op("silu", Op("gemm", Any("x"), Any("wg", where=is_gemm_weight), epilogue=_no_epilogue)),
+            Op("gemm", Any("x"), Any("wu", where=is_gemm_weight), epilogue=_no_epilogue, bind="up"),
             commutative=True,
         ),
         _gated_silu,

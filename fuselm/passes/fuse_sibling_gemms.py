@@ -1,6 +1,7 @@
 """Fuse sibling gemms: gemms reading one input become one gemm over concatenated weights.
 
-q/k/v projections (and any other gemms of one activation with constant weights, and no
+q/k/v projections (and any other gemms of one activation with constant weights, or
+weights dequantized from constants of one format (passes/weights.py), and no
 epilogue or a constant bias only) read their input once: `gemm(x, [Wq; Wk; Wv][, bias])`,
 and each original result becomes a column slice of the fused output (a view, free at
 run time). Siblings fuse only with their own kind (plain with plain, biased with
@@ -10,13 +11,13 @@ comes after it.
 from __future__ import annotations
 
 from ..ir.graph import Constant
-from .patterns import Any, Const, Op, Rule, rewrite
-from .weights import concatenated_constant
+from .patterns import Any, Op, Rule, rewrite
+from .weights import concatenated_constant, concatenated_weight, is_gemm_weight
 
 
 def sibling_kind(node, x):
     """"plain" or "bias" for a gemm of x that can fuse with its siblings, else None."""
-    if node.op != "gemm" or node.inputs[0] is not x or not isinstance(node.inputs[1], Constant):
+    if node.op != "gemm" or node.inputs[0] is not x or not is_gemm_weight(node.inputs[1]):
         return None
     epilogue = tuple(node.attrs.get("epilogue", ()))
     if not epilogue and len(node.inputs) == 2:
@@ -35,7 +36,9 @@ def _fuse(builder, m):
     siblings = [s for s in siblings if s.inputs[1].type.dtype == first.inputs[1].type.dtype]
     if len(siblings) < 2 or siblings[0] is not first:
         return None
-    weights = concatenated_constant(builder, [builder.adopt(s.inputs[1]) for s in siblings])
+    weights = concatenated_weight(builder, [s.inputs[1] for s in siblings])
+    if weights is None:  # dequantized weights of different formats
+        return None
     if kind == "bias":
         bias = concatenated_constant(builder, [builder.adopt(s.inputs[2]) for s in siblings])
         fused = builder.op("gemm", m.x, weights, bias, epilogue=("bias",), source=first.source)
@@ -51,7 +54,7 @@ def _fuse(builder, m):
 
 RULES = [
     # gemm(x, W1[, b1]), gemm(x, W2[, b2]), ... -> slices of gemm(x, [W1; W2; ...][, [b1; b2; ...]])
-    Rule("siblings", Op("gemm", Any("x"), Const("w"), bind="gemm", exact_arity=False), _fuse),
+    Rule("siblings", Op("gemm", Any("x"), Any("w", where=is_gemm_weight), bind="gemm", exact_arity=False), _fuse),
 ]
 
 

@@ -63,12 +63,19 @@ TARGET_PASSES: dict = {
 }
 
 
-def pipeline(target: Optional[str] = None, donate_weights: bool = False, quantize: Optional[list] = None) -> list:
+def pipeline(target: Optional[str] = None, donate_weights: bool = False, quantize: Optional[list] = None,
+             packed_weights: Optional[Pass] = None) -> list:
     """PIPELINE, then the passes of `target` (none when target is None). With
     `donate_weights` the layout pass packs weights into their own storage (see layout.py).
     `quantize`: the quantization passes (passes/quantize.py `quantization_passes`), run
-    on the fused graph, before the final dead-code pass and the target's passes."""
+    on the fused graph, before the final dead-code pass and the target's passes.
+    `packed_weights`: the pass giving a packed checkpoint's weights their parts
+    (passes/packed_weights.py), right after matmul_to_gemm: while gemms read their
+    weights as captured, before constant folding and fusion."""
     passes = PIPELINE[:-1] + list(quantize or []) + PIPELINE[-1:] + TARGET_PASSES.get(target, [])
+    if packed_weights is not None:
+        at = [name for name, _ in passes].index("matmul_to_gemm") + 1
+        passes = passes[:at] + [packed_weights] + passes[at:]
     if donate_weights:
         passes = [(name, functools.partial(fn, donate_weights=True) if fn is prepack_weights else fn)
                   for name, fn in passes]

@@ -23,7 +23,7 @@ import fnmatch
 from ..errors import FuselmError
 from ..ir.graph import Constant, Graph, transform
 from ..quant.calibration import activation_absmax
-from ..quant.config import LM_HEAD, QuantizeConfig
+from ..quant.config import LM_HEAD, PACKED, QuantizeConfig
 from ..quant.weights import outlier_features, quantize_weight, smoothing_factors
 from .base import counters
 
@@ -111,8 +111,12 @@ def insert_quantization(graph: Graph, config: QuantizeConfig, samples=None, reca
 
 
 def quantization_passes(config: QuantizeConfig, samples=None, recapture=None) -> list:
-    """The named passes that quantize a fused graph: insert q/dq, then fold into qgemm."""
+    """The named passes that quantize a fused graph: insert q/dq, then fold into qgemm
+    (only the fold for "gguf", whose dequantizes passes/packed_weights.py inserted)."""
     from .fold_qgemm import fold_qgemm
+
+    if config.scheme == PACKED:
+        return [("fold_qgemm", fold_qgemm)]
 
     def quantize(graph: Graph) -> Graph:
         return insert_quantization(graph, config, samples, recapture)

@@ -8,8 +8,9 @@
     "llm.int8"    LLM.int8(): input features whose calibrated max |x| exceeds `threshold`
                   stay floating point, the rest is int8 x int8
     "nf4"         QLoRA's NormalFloat-4, an absmax scale per group of 64
-("gguf", a GGUF file's own Q4_0 / Q4_1 / Q8_0 tensors served as they are, is planned and
-refused by name.)
+    "gguf"        no quantization of fuselm's own: a GGUF file's Q4_0 / Q4_1 / Q8_0
+                  tensors served as the file holds them (models/gguf_loader.py; the model
+                  is loaded with packed=True, which fuselm.LLM and the CLI do)
 
 Which gemms: every gemm whose weight is a constant, except those whose weight name
 matches a `skip` pattern (fnmatch over the graph's constant names, e.g.
@@ -29,7 +30,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
 SCHEMES = ("int8", "w8a8", "int4-g32", "int4-g64", "int4-g128", "llm.int8", "nf4")
-FORMAT_OF = {"int8": "int8", "w8a8": "int8", "llm.int8": "int8", "int4": "int4", "nf4": "nf4"}
+PACKED = "gguf"  # the scheme that quantizes nothing: the checkpoint's packed weights
+FORMAT_OF = {"int8": "int8", "w8a8": "int8", "llm.int8": "int8", "int4": "int4", "nf4": "nf4", PACKED: None}
 NEEDS_CALIBRATION = ("w8a8", "llm.int8")
 DEFAULT_GROUP = {"int4": 32, "nf4": 64}
 LM_HEAD = "lm_head"
@@ -41,7 +43,8 @@ class QuantizeConfig:
     scale along K (None: the scheme's default; per output channel for the int8 schemes);
     alpha: SmoothQuant's migration strength (w8a8); threshold: LLM.int8's outlier
     magnitude; skip: weight-name patterns left in floating point (None: the scheme's
-    default); calibration: sample inputs (see the module docstring)."""
+    default); calibration: sample inputs (see the module docstring); packed: the loaded
+    model's packed weights ("gguf"; quant/packed.py)."""
 
     scheme: str
     group_size: Optional[int] = None
@@ -49,6 +52,7 @@ class QuantizeConfig:
     threshold: float = 6.0
     skip: Optional[tuple] = None
     calibration: Any = field(default=None, compare=False, repr=False)
+    packed: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         match = re.fullmatch(r"int4-g(\d+)", self.scheme) if isinstance(self.scheme, str) else None
@@ -57,11 +61,12 @@ class QuantizeConfig:
                 raise ValueError(f"quantize {self.scheme!r} has group size {match.group(1)}, not group_size={self.group_size}")
             object.__setattr__(self, "scheme", "int4")
             object.__setattr__(self, "group_size", int(match.group(1)))
-        if self.scheme == "gguf":
-            raise ValueError("quantize='gguf' (serving a GGUF file's own quantized tensors) is not implemented yet; "
-                             "int4-g32 or int8 quantize any model")
         if self.scheme not in FORMAT_OF:
-            raise ValueError(f"unknown quantization scheme {self.scheme!r}; the schemes are {', '.join(SCHEMES)}")
+            raise ValueError(f"unknown quantization scheme {self.scheme!r}; the schemes are "
+                             f"{', '.join(SCHEMES + (PACKED,))}")
+        if self.scheme == PACKED and (self.group_size is not None or self.skip or self.calibration is not None):
+            raise ValueError("quantize='gguf' serves the file's tensors as they are: group_size, skip and "
+                             "calibration do not apply")
         size = self.group_size if self.group_size is not None else DEFAULT_GROUP.get(self.scheme)
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
             raise ValueError(f"group_size must be a positive int, got {size!r}")
@@ -88,6 +93,11 @@ class QuantizeConfig:
         return "int8" if self.scheme in ("w8a8", "llm.int8") else "float"
 
     @property
+    def loads_packed(self) -> bool:
+        """Whether the model must be loaded with its packed weights (models.load(packed=True))."""
+        return self.scheme == PACKED
+
+    @property
     def needs_calibration(self) -> bool:
         return self.scheme in NEEDS_CALIBRATION
 
@@ -99,6 +109,15 @@ class QuantizeConfig:
     def with_calibration(self, calibration) -> "QuantizeConfig":
         return replace(self, calibration=calibration)
 
+    def with_packed(self, packed) -> "QuantizeConfig":
+        return replace(self, packed=packed)
+
+
+def loads_packed(quantize: Union[None, str, QuantizeConfig]) -> bool:
+    """Whether `quantize=` serves a checkpoint's packed weights ("gguf"); refuses a bad value."""
+    config = quantize_config(quantize)
+    return config is not None and config.loads_packed
+
 
 def quantize_config(quantize: Union[None, str, QuantizeConfig]) -> Optional[QuantizeConfig]:
     """`quantize=` as a QuantizeConfig (None and "none": no quantization)."""
@@ -108,5 +127,5 @@ def quantize_config(quantize: Union[None, str, QuantizeConfig]) -> Optional[Quan
         return quantize
     if isinstance(quantize, str):
         return QuantizeConfig(quantize)
-    raise TypeError(f"quantize must be a scheme name ({', '.join(SCHEMES)}) or a fuselm.QuantizeConfig, "
+    raise TypeError(f"quantize must be a scheme name ({', '.join(SCHEMES + (PACKED,))}) or a fuselm.QuantizeConfig, "
                     f"got {type(quantize).__name__}")

@@ -5,7 +5,8 @@ One program computes BLOCK output elements. Each element's coordinates come from
 flat index; every node is then evaluated at coordinates of its own shape, working from
 the root to the inputs: a broadcast reads coordinate 0, a permute reorders coordinates,
 a reshape goes through the flat index, a slice offsets one, concat picks a part with
-tl.where, embedding/index_select/gather load the index first and read the source there,
+tl.where, embedding/index_select/gather load the index first and read the source there
+(qembedding then reads its row's code and group scale and dequantizes),
 tril/triu compare the last two coordinates. Ops that take more than an expression
 (round half to even, log1p, expm1, atan, Python's modulo and floor division) call small
 device functions pasted into the module; NaN propagates through max/min/relu as in
@@ -28,10 +29,12 @@ import sympy
 
 from ...errors import UnsupportedKernelError
 from ...ir.graph import Node, Value
+from ...ir.quant_ops import CHUNK
 from ...ir.registry import is_view
 from ...ir.types import dim_str
 from .device_functions import ACTIVATIONS
 from .module import TRITON_NAMES, GeneratedKernel, torch_dtype_name
+from .qgemm import _nf4_level_source as nf4_level_source
 
 UNARY = {
     "neg": "-{a}", "abs": "tl.abs({a})", "exp": "tl.exp({a})", "log": "tl.log({a})", "sqrt": "tl.sqrt({a})",
@@ -53,8 +56,8 @@ BINARY = {
     "remainder": "remainder({a}, {b})", "floor_divide": "floor_divide_{kind}({a}, {b})",
 }
 INTEGER_IDENTITY = ("floor", "ceil", "round", "trunc")  # integers are already whole numbers
-MOVES = ("reshape", "permute", "expand", "slice", "select", "concat", "embedding", "index_select", "gather",
-         "tril", "triu", "arange", "full", "rope")
+MOVES = ("reshape", "permute", "expand", "slice", "select", "concat", "embedding", "qembedding", "index_select",
+         "gather", "tril", "triu", "arange", "full", "rope")
 OPS = tuple(UNARY) + tuple(BINARY) + ("gelu", "cast", "where", "masked_fill") + MOVES
 RAW_OPERANDS = ("eq", "ne", "lt", "le", "gt", "ge", "cast", "logical_and", "logical_or", "logical_xor", "logical_not",
                 "isnan", "isinf")
@@ -127,7 +130,7 @@ def floor_divide_float(a, b):
     return tl.where(b == 0, a / b, tl.where(div == 0, zero, down))
 ''',
 }
-HELPERS = {**ACTIVATIONS, **POINTWISE_HELPERS}
+HELPERS = {**ACTIVATIONS, **POINTWISE_HELPERS, "nf4_level": nf4_level_source()}
 
 
 def generate(nodes: list, inputs: list) -> GeneratedKernel:
@@ -308,6 +311,28 @@ class IndexCodegen:
         table, ids = node.inputs
         row = self.index(f"{self.value(ids, coords[:-1])}.to(tl.int64)")
         return self.value(table, (row, coords[-1]))
+
+    def _qembedding(self, node, coords):
+        """embedding over a quantized table (ir/quant_ops.py): the row's code at the column
+        (int8 q, or the low / high nibble of byte column // 32 * 16 + column % 16, an nf4
+        level for nf4) times its group's scale, plus int4's offset, in fp32."""
+        ids, q, scale, *offset = node.inputs
+        fmt, column = node.attrs["format"], coords[-1]
+        row = self.index(f"{self.value(ids, coords[:-1])}.to(tl.int64)")
+        group = self.index(f"{column} // {node.attrs['group_size']}")
+        if fmt == "int8":
+            code = f"{self.value(q, (row, column))}.to(tl.float32)"
+        else:
+            half = CHUNK // 2
+            byte = self.value(q, (row, self.index(f"{column} // {CHUNK} * {half} + {column} % {half}")))
+            nibble = f"tl.where({column} % {CHUNK} < {half}, {byte} & 15, {byte} >> 4)"
+            if fmt == "nf4":
+                self.helpers.add("nf4_level")
+                code = f"nf4_level({nibble}.to(tl.int32))"
+            else:
+                code = f"{nibble}.to(tl.float32)"
+        value = f"{code} * {self.value(scale, (row, group))}"
+        return f"{value} + {self.value(offset[0], (row, group))}" if offset else value
 
     def _index_select(self, node, coords):
         source, index = node.inputs

@@ -23,6 +23,7 @@ from ...errors import UnsupportedKernelError
 from ...ir.types import TensorType, dims_equal, dtype_of as ir_dtype_of
 from . import fastmath
 from .build import Dims, as_expr, const, dtype_of, tir_dtype, vector_lanes
+from .qgemm import weight_code
 
 LOWER: dict = {}
 _REDUCE = 2  # IterVar.CommReduce
@@ -625,6 +626,24 @@ def _embedding(ctx: Lowering, node, args):
     table, ids = args
     index = ctx.dims.index_dtype
     return ctx.compute(node, lambda *i: table(ids(*i[:-1]).astype(index), i[-1]))
+
+
+@lowers("qembedding")
+def _qembedding(ctx: Lowering, node, args):
+    """embedding over a quantized table (ir/quant_ops.py): each output element reads its
+    row's code (qgemm.py's `weight_code`: q, a nibble or an nf4 level) and its group's
+    scale (and int4's offset), in f32. Only the gathered rows are read."""
+    ids, q, scale, *offset = args
+    fmt, group_size = node.attrs["format"], node.attrs["group_size"]
+    index = ctx.dims.index_dtype
+
+    def value(*i):
+        row, column = ids(*i[:-1]).astype(index), i[-1]
+        group = tirx.floordiv(column, group_size)
+        w = weight_code(q, fmt, row, column) * cast(scale[row, group], "float32")
+        return w + cast(offset[0][row, group], "float32") if offset else w
+
+    return ctx.compute(node, value)
 
 
 @lowers("index_select")

@@ -236,13 +236,7 @@ class _Operands:
 
     def code(self, row, k):
         """The weight's code at (row, k) as f32: int8 q, int4's nibble, nf4's level."""
-        q = self.parts["q"]
-        if not self.spec.four_bit:
-            return as_expr(q[row, k]).astype("float32")
-        byte = as_expr(q[row, tirx.floordiv(k, CHUNK) * (CHUNK // 2) + tirx.floormod(k, CHUNK // 2)])
-        high = tirx.floormod(tirx.floordiv(k, CHUNK // 2), 2)
-        nibble = tirx.Select(high > 0, byte >> tirx.const(4, "uint8"), byte & tirx.const(15, "uint8"))
-        return nibble.astype("float32") if self.spec.format == "int4" else _nf4_level(nibble)
+        return weight_code(self.parts["q"], self.spec.format, row, k)
 
     def weight(self, row, k, by_chunks: bool = False):
         """The dequantized weight at (row, k), as f32 (the tiled form's unpacking). With
@@ -257,6 +251,19 @@ class _Operands:
             code = self.code(row, k)
         value = code * self.scale(row, g)
         return value + self.offset(row, g) if self.spec.format == "int4" else value
+
+
+def weight_code(q: te.Tensor, format: str, row, k) -> tirx.PrimExpr:
+    """The code of a quantized weight's element (row, k) as f32, one scalar read of q:
+    int8 q itself, int4's nibble (chunk layout: byte k // 32 * 16 + k % 16, its high
+    nibble for k % 32 >= 16), nf4's level of that nibble. lowering.py's qembedding reads
+    its rows this way too."""
+    if format == "int8":
+        return as_expr(q[row, k]).astype("float32")
+    byte = as_expr(q[row, tirx.floordiv(k, CHUNK) * (CHUNK // 2) + tirx.floormod(k, CHUNK // 2)])
+    high = tirx.floormod(tirx.floordiv(k, CHUNK // 2), 2)
+    nibble = tirx.Select(high > 0, byte >> tirx.const(4, "uint8"), byte & tirx.const(15, "uint8"))
+    return nibble.astype("float32") if format == "int4" else _nf4_level(nibble)
 
 
 def _nf4_level(nibble) -> tirx.PrimExpr:
