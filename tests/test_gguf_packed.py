@@ -153,3 +153,16 @@ def test_llm_refuses_a_bad_scheme_before_loading(monkeypatch):
     monkeypatch.setattr(fuselm.models, "load", no_loading)
     with pytest.raises(ValueError, match="unknown quantization scheme 'int3'"):
         fuselm.LLM("smollm2-135m", target="cpu", quantize="int3")
+
+
+def test_an_artifact_built_with_gguf_holds_the_blocks_and_serves_the_same_tokens(tiny_gguf, tmp_path):
+    from fuselm.artifact import build
+    directory = tmp_path / "tiny-gguf.fuselm"
+    build(tiny_gguf, directory, quantize="gguf", cache_dir=str(tmp_path / "kernels"), progress=False)
+    params = fuselm.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    served, = fuselm.LLM(model=str(directory)).generate(["abc"], params)
+    expected, = fuselm.LLM(str(tiny_gguf), target="cpu", max_model_len=64).generate(["abc"], params)
+    assert served.token_ids == expected.token_ids
+    weights = sum(f.stat().st_size for f in directory.rglob("*.safetensors"))
+    float_weights = sum(w.shape[0] * w.shape[1] * 4 for w in load(tiny_gguf, packed=True).packed.values())
+    assert weights < 0.5 * float_weights  # the file's blocks, not floats made of them
