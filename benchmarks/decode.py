@@ -32,7 +32,8 @@ torch.compile; SECTIONS=ceilings,llama), run as a subprocess after fuselm when t
 script is found (.anchor/gpu_anchor.py in the checkout, or shared/tools/). The anchor
 measures the TinyLlama shape only: ratios are printed for `--shape tinyllama`.
 
-`--quantize SCHEMES` (a comma list, or all): on cpu, fuselm fp32 and fuselm with each
+`--quantize SCHEMES` (a comma list, or all: every scheme and gguf, the file's own Q4_1 /
+Q8_0 blocks): on cpu, fuselm fp32 and fuselm with each
 scheme (`fuselm.LLM(quantize=...)`, one program a forward), each in its own subprocess,
 against the same transformers and llama.cpp runs; on cuda the schemes run on the random
 model as well.
@@ -307,9 +308,9 @@ def first_token_from_artifact(directory: Path) -> dict:
 
 def run_quantized(args) -> dict:
     """fuselm fp32, then fuselm with each scheme of --quantize, each alone."""
-    from fuselm.quant.config import SCHEMES
+    from fuselm.quant.config import PACKED, SCHEMES
 
-    schemes = list(SCHEMES) if args.quantize == "all" else args.quantize.split(",")
+    schemes = [*SCHEMES, PACKED] if args.quantize == "all" else args.quantize.split(",")
     return {"fp32": run_fuselm(args), **{scheme: run_fuselm(args, quantize=scheme) for scheme in schemes}}
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/quality.py [--schemes int8,w8a8,nf4] [--tokens 2048] [--sentences 32]
 
-For each scheme (default: int8, w8a8, int4-g32, int4-g64, int4-g128, llm.int8, nf4):
+For each scheme (default: int8, w8a8, int4-g32, int4-g64, int4-g128, llm.int8, nf4, and
+gguf, SmolLM2's file served with its own blocks: load(packed=True), SmolLM2 only):
 - SmolLM2-135M-Instruct (fuselm.models.load("smollm2-135m"): the Q4_1 GGUF, weights
   dequantized to fp32, which is the reference here), teacher-forced over `--tokens`
   tokens of English (the standard library's pydoc_data.topics, quant/calibration.py's
@@ -30,6 +31,7 @@ cores, 7 GB peak memory, for the defaults.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 
@@ -53,11 +55,12 @@ from fuselm.models import load  # noqa: E402
 from fuselm.models.bert import sentence_embeddings  # noqa: E402
 from fuselm.models.contract import capture_example, pack_prompts  # noqa: E402
 from fuselm.passes import pipeline, run_passes  # noqa: E402
+from fuselm.passes.packed_weights import use_packed_weights  # noqa: E402
 from fuselm.passes.quantize import quantization_passes  # noqa: E402
 from fuselm.quant import QuantizeConfig  # noqa: E402
 from fuselm.quant.calibration import PROMPT_TOKENS, calibration_prompts, default_text  # noqa: E402
 
-SCHEMES = ("int8", "w8a8", "int4-g32", "int4-g64", "int4-g128", "llm.int8", "nf4")
+SCHEMES = ("int8", "w8a8", "int4-g32", "int4-g64", "int4-g128", "llm.int8", "nf4", "gguf")
 
 
 def peak_rss_gb() -> float:
@@ -67,6 +70,16 @@ def peak_rss_gb() -> float:
 def fused_graph(loaded):
     example, dynamic = capture_example(loaded.config)
     return run_passes(capture(loaded.model, example, dynamic), pipeline())
+
+
+def gguf_graph(source):
+    """quantize="gguf": the file's own Q4_1 / Q8_0 blocks (load(packed=True)), captured and
+    compiled as fuselm.LLM(FILE, quantize="gguf") compiles them."""
+    packed = load(source, packed=True)
+    example, dynamic = capture_example(packed.config)
+    passes = pipeline(quantize=quantization_passes(QuantizeConfig("gguf")),
+                      packed_weights=("packed_weights", functools.partial(use_packed_weights, packed=packed.packed)))
+    return run_passes(capture(packed.model, example, dynamic), passes)
 
 
 def quantized_graph(fused, scheme: str, samples):
@@ -157,7 +170,7 @@ def bench_smollm2(schemes: list, tokens: int, skip_chars: int, results: dict) ->
           f"{'max|dlogit|':>13}{'q MB':>8}{'fp32 MB':>9}{'ratio':>8}{'quantize s':>12}{'run s':>8}")
     for scheme in schemes:
         t0 = time.perf_counter()
-        graph = quantized_graph(fused, scheme, samples)
+        graph = gguf_graph(loaded.source) if scheme == "gguf" else quantized_graph(fused, scheme, samples)
         t1 = time.perf_counter()
         logits = run_lm(graph, inputs)
         t2 = time.perf_counter()
@@ -227,7 +240,7 @@ def bench_minilm(schemes: list, count: int, skip_chars: int, results: dict) -> N
         reference = sentence_embeddings(ir.interpret(fused, input_ids, mask), mask)
     print(f"\n  {'scheme':<11}{'gemms q/float':>15}{'cos min':>10}{'cos mean':>10}{'q MB':>8}{'fp32 MB':>9}"
           f"{'ratio':>8}")
-    for scheme in schemes:
+    for scheme in (s for s in schemes if s != "gguf"):  # MiniLM is a safetensors model: no GGUF blocks
         graph = quantized_graph(fused, scheme, calibration)
         with torch.no_grad():
             ours = sentence_embeddings(ir.interpret(graph, input_ids, mask), mask)
