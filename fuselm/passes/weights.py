@@ -55,10 +55,9 @@ def concatenated_weight(builder, weights: list) -> Optional[object]:
     found = [dequantized_weight(w) for w in weights]
     first, dtype = found[0]
     same = ("format", "group_size", "k", "outliers")
-    if first is None or any(d is None or t != dtype or len(d.inputs) != len(first.inputs)
-                            or any(d.attrs.get(a) != first.attrs.get(a) for a in same) for d, t in found):
-        return None
-    if first.attrs.get("outliers"):
+    if first is None or first.attrs.get("outliers") or any(
+            d is None or t != dtype or len(d.inputs) != len(first.inputs)
+            or any(d.attrs.get(a) != first.attrs.get(a) for a in same) for d, t in found):
         return None
     parts = [concatenated_constant(builder, [builder.adopt(d.inputs[i]) for d, _ in found])
              for i in range(len(first.inputs))]
