@@ -38,7 +38,7 @@ from .codegen.dump import write_kernel_dump
 from .codegen.kernel import Kernel
 from .errors import FallbackWarning, FuselmError, UnsupportedKernelError
 from .frontend import capture
-from .frontend.capture import AUTO
+from .frontend.capture import AUTO, capture_module
 from .frontend.signature import CallSignature, flat_forward
 from .ir.graph import Graph
 from .ir.registry import get_op
@@ -82,13 +82,34 @@ def compile(model: torch.nn.Module, example_inputs=None, *, target: Union[str, T
         raise ValueError(f"recompile_limit must be an int >= 0, got {recompile_limit!r}")
     target = get_target(target)
     target.check_available()
+    dump_dir = _directory("dump_dir", dump_dir or os.environ.get("FUSELM_DUMP") or None)
+    cache_dir = _directory("cache_dir", cache_dir)
     options = CompileOptions(target, dynamic, strict or os.environ.get("FUSELM_STRICT", "") not in ("", "0"),
-                             recompile_limit, dump_dir or os.environ.get("FUSELM_DUMP") or None, cache_dir,
+                             recompile_limit, dump_dir, cache_dir,
                              donate_weights, quantize_config(quantize))
     compiled = CompiledModule(model, options)
     if example_inputs is not None:
         compiled.capture(tuple(example_inputs), {})
     return compiled
+
+
+def _directory(option: str, path) -> Optional[str]:
+    """A directory option as a str path, created now: a path that cannot be one is
+    refused at compile, naming the option, not at the first call with an OS error."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(f"{option} must be a str or os.PathLike path, got {type(path).__name__}")
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise FuselmError(f"{option}={path!r} is a file, not a directory") from None
+    except OSError as error:
+        raise FuselmError(f"{option}={path!r}: cannot create the directory ({error.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FuselmError(f"{option}={path!r}: the directory is not writable")
+    return path
 
 
 @dataclass(frozen=True)
@@ -221,9 +242,10 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
     """Capture one call of `model`, run the passes, partition, and get every kernel."""
     target = options.target
     training = model.training  # captured in the mode it is in (a new mode is a new graph)
-    with torch.no_grad(), target.importing(), flat_forward(model, signature) as output:
-        graph = capture(model, tensors, dynamic, strict=options.strict)
-        quantize = _quantization(model, signature, tensors, options)
+    with torch.no_grad(), target.importing(), flat_forward(model, signature) as (flat, output):
+        captured = capture_module(flat, tensors, dynamic, strict=options.strict)
+        graph = captured.graph
+        quantize = _quantization(model, flat, signature, tensors, options)
         passes = target.passes(options.donate_weights, quantize, _packed_weights(options.quantize))
         graph = run_passes(graph, passes, dump_dir=options.dump_dir)
     model.train(training)
@@ -241,14 +263,17 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
     if options.dump_dir:
         write_kernel_dump(options.dump_dir, graph, launches)
     program = _program(graph, steps, options, cache)
-    return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target, training, program)
+    state = {name: functools.partial(model.get_buffer, buffer) for name, buffer in captured.state.items()}
+    return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target, training, program,
+                         captured.guards, captured.updates, state)
 
 
-def _quantization(model: torch.nn.Module, signature: CallSignature, tensors: tuple,
+def _quantization(model: torch.nn.Module, flat: torch.nn.Module, signature: CallSignature, tensors: tuple,
                   options: CompileOptions) -> Optional[list]:
     """The quantization passes of options.quantize (None without one), calibrated on its
     samples (positional argument tuples, each called as the model is; a sample of other
-    shapes runs on a graph captured for it) or on this call's tensors."""
+    shapes runs on a graph captured for it through `flat`, the model's flat_forward
+    shell) or on this call's tensors."""
     config = options.quantize
     if config is None:
         return None
@@ -259,7 +284,7 @@ def _quantization(model: torch.nn.Module, signature: CallSignature, tensors: tup
             samples = [_call_tensors(model, signature, sample, i) for i, sample in enumerate(config.calibration)]
 
     def recapture(sample: tuple) -> Graph:
-        graph = capture(model, sample, None, strict=options.strict)
+        graph = capture(flat, sample, None, strict=options.strict)
         return run_passes(graph, CLEANUP + FUSION)
 
     return quantization_passes(config, samples, recapture)

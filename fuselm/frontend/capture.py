@@ -8,7 +8,10 @@
 3. Walk the ATen graph once, mapping each op through `ATEN_TABLE`; parameters, buffers
    and lifted constants become named IR constants, user inputs keep their names.
    Outputs are the user outputs, then the final value of every input the model updates
-   in place (e.g. the KV cache), so no pass can drop a write.
+   in place (e.g. the KV cache), so no pass can drop a write. A buffer the model
+   updates in place is a graph input (a state input, after the call's tensors) rather
+   than a constant, so no pass folds it; `Captured.updates` names what each extra
+   output updates. The sizes the traced branches depend on are `Captured.guards`.
 4. An op still unmapped after decomposition (or whose handler refuses its arguments,
    `cv.unsupported`, or whose mapping cannot take its complex values) becomes an opaque
    `aten` node that calls the overload (fuselm/ir/aten_op.py), as Inductor's fallback
@@ -20,8 +23,10 @@ from __future__ import annotations
 import ast
 import inspect
 import operator
+import os
 import re
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -34,7 +39,9 @@ from ..ir.graph import Graph, GraphBuilder, Value
 from ..ir.registry import IRTypeError
 from ..ir.types import TensorType, as_dim, dim_str, dtype_of, symbol
 from .aten_table import ATEN_TABLE, PRESERVED_OPS, register_attention_ops
+from .guards import ShapeGuards
 
+_FUSELM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
 
@@ -47,6 +54,28 @@ def capture(module: torch.nn.Module, example_inputs, dynamic: Optional[dict] = N
     becomes an `aten` fallback node (`fuselm.ir.aten_op.fallback_ops(graph)` counts them);
     with `strict=True` it raises UnsupportedOpError naming the op and the source line.
     """
+    return capture_module(module, example_inputs, dynamic, strict).graph
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A capture and what running its graph as the model needs besides the graph:
+    `guards`, the ShapeGuards under which the graph is the model (conditions on symbolic
+    sizes of the branches the example took); `updates`, for each graph output past the
+    model's results, the name of the graph input it is the new value of (an input or
+    state buffer the model updates in place); `state`, {graph input name: buffer name}
+    for the module buffers the model updates, which are graph inputs (after the call's
+    tensors) rather than constants, so no pass folds them and every call reads the
+    buffer as it is then."""
+    graph: Graph
+    guards: ShapeGuards
+    updates: tuple = ()
+    state: dict = field(default_factory=dict)
+
+
+def capture_module(module: torch.nn.Module, example_inputs, dynamic: Optional[dict] = None,
+                   strict: bool = False) -> Captured:
+    """`capture`, with the guards, updates and state of a Captured."""
     register_attention_ops()
     example_inputs = tuple(example_inputs)
     names = list(inspect.signature(module.forward).parameters)[: len(example_inputs)]
@@ -55,9 +84,12 @@ def capture(module: torch.nn.Module, example_inputs, dynamic: Optional[dict] = N
     with warnings.catch_warnings():  # torch's own deprecation noise about its pytree specs
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         exported = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        guards = ShapeGuards.of(exported)
         if unmapped_ops(exported):
             exported = exported.run_decompositions(decomposition_table())
-    return _Converter(exported, named_dims, strict).run()
+    converter = _Converter(exported, named_dims, strict)
+    graph = converter.run()
+    return Captured(graph, guards, converter.updates, converter.state)
 
 
 def unmapped_ops(exported) -> set:
@@ -140,6 +172,7 @@ def source_of(fx_node) -> Optional[str]:
     """`file.py:LINE` of the model code that produced an FX node (torch's frames skipped)."""
     trace = fx_node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.*)', trace)
+    frames = [f for f in frames if not f[0].startswith(_FUSELM_DIR)] or frames  # flat_forward's own frame
     frames = [f for f in frames if "/torch/" not in f[0]] or frames
     if not frames:
         return None
@@ -156,6 +189,9 @@ class _Converter:
         self.fx_node = None
         self.symbols = self._symbol_map(named_dims)
         self.mutated: dict = {}  # input placeholder -> its latest value (in-place updates)
+        self.placeholders: dict = {}  # placeholder name -> its graph input (or constant)
+        self.state: dict = {}  # graph input name -> the mutated buffer it carries
+        self.updates: tuple = ()  # per extra output, the graph input it updates
 
     def _symbol_map(self, named_dims: list) -> dict:
         """torch's shape symbols (s0, s72...) -> fuselm's named symbols."""
@@ -209,11 +245,13 @@ class _Converter:
         for fx_node in self.exported.graph.nodes:
             self.fx_node = fx_node
             if fx_node.op == "placeholder":
-                self.env[fx_node] = self._placeholder(fx_node, specs[fx_node.name])
+                self.env[fx_node] = self.placeholders[fx_node.name] = self._placeholder(fx_node, specs[fx_node.name])
             elif fx_node.op == "call_function":
                 self.env[fx_node] = self._call(fx_node)
             elif fx_node.op == "output":
                 outputs = self._outputs(fx_node, signature)
+        state = [v for v in self.builder.inputs if v.name in self.state]  # after the call's tensors
+        self.builder.inputs[:] = [v for v in self.builder.inputs if v.name not in self.state] + state
         return self.builder.build(outputs)
 
     def _placeholder(self, fx_node, spec):
@@ -225,9 +263,21 @@ class _Converter:
             tensor = self.exported.state_dict.get(spec.target)
             if tensor is None:
                 tensor = self.exported.constants[spec.target]
+            if spec.target in self.exported.graph_signature.buffers_to_mutate.values():
+                return self._state_input(spec.target, tensor)
         else:
             tensor = self.exported.constants[spec.target]
         return self.builder.constant(spec.target, tensor.detach())
+
+    def _state_input(self, buffer: str, tensor: torch.Tensor):
+        """A buffer the model updates in place: a graph input, fed the buffer at each call."""
+        taken = {v.name for v in self.builder.inputs} | set(self.placeholders)
+        taken |= {n.name for n in self.exported.graph.nodes if n.op == "placeholder"}
+        name = "state_" + re.sub(r"\W", "_", buffer)
+        while name in taken:
+            name += "_"
+        self.state[name] = buffer
+        return self.builder.input(name, TensorType.of(tensor))
 
     def _call(self, fx_node):
         handler = ATEN_TABLE.get(fx_node.target)
@@ -299,10 +349,23 @@ class _Converter:
 
     def _outputs(self, fx_node, signature) -> list:
         values = [self.env[a] for a in fx_node.args[0]]
-        kinds = [spec.kind for spec in signature.output_specs]
-        user = [v for v, k in zip(values, kinds) if k == OutputKind.USER_OUTPUT]
-        mutations = [v for v, k in zip(values, kinds) if k != OutputKind.USER_OUTPUT]
-        return user + mutations + list(self.mutated.values())
+        specs = signature.output_specs
+        user = [v for v, spec in zip(values, specs) if spec.kind == OutputKind.USER_OUTPUT]
+        mutations = [(v, spec) for v, spec in zip(values, specs) if spec.kind != OutputKind.USER_OUTPUT]
+        updated = [self._updated(spec) for _, spec in mutations] + [self.placeholders[n.name] for n in self.mutated]
+        self.updates = tuple(v.name for v in updated)
+        return user + [v for v, _ in mutations] + list(self.mutated.values())
+
+    def _updated(self, spec):
+        """The graph input an export mutation output writes (a user input or a buffer)."""
+        if spec.kind == OutputKind.USER_INPUT_MUTATION:
+            return self.placeholders[spec.target]
+        if spec.kind == OutputKind.BUFFER_MUTATION:
+            placeholder = next(name for name, target in self.exported.graph_signature.inputs_to_buffers.items()
+                               if target == spec.target)
+            return self.placeholders[placeholder]
+        raise UnsupportedOpError(f"an output of kind {spec.kind.name}", None,
+                                 "fuselm runs models in inference: it updates inputs and buffers, not gradients")
 
 
 def _op_name(target) -> str:

@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.utils import _pytree as pytree
@@ -79,11 +80,14 @@ class OutputRecord:
 
 @contextlib.contextmanager
 def flat_forward(model: torch.nn.Module, signature: CallSignature):
-    """While active, `model.forward` takes the signature's tensors by name, calls the real
-    forward with the original structure, and returns its result's tensor leaves; the
-    result's structure goes into the yielded OutputRecord. The module itself is what
-    torch.export sees, so its weights keep their names."""
-    original, record = model.forward, OutputRecord()
+    """Yields (shell, record): `shell` is `model` as torch.export should see it, its
+    forward taking the signature's tensors by name, calling the real forward with the
+    original structure, and returning its result's tensor leaves; the result's structure
+    goes into the OutputRecord. The shell is a copy of the module tree sharing every
+    parameter and buffer (see `module_shell`), so the weights keep their names and no
+    thread calling the model meanwhile sees the flat forward or export's stand-ins."""
+    shell, record = module_shell(model), OutputRecord()
+    original = shell.forward
 
     def forward(*tensors):
         leaves, record.spec = pytree.tree_flatten(signature.call(original, tensors))
@@ -92,15 +96,26 @@ def flat_forward(model: torch.nn.Module, signature: CallSignature):
 
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     forward.__signature__ = inspect.Signature([inspect.Parameter(n, kind) for n in signature.names])
-    shadowed = "forward" in model.__dict__
-    model.forward = forward
-    try:
-        yield record
-    finally:
-        if shadowed:
-            model.forward = original
-        else:
-            del model.forward
+    shell.forward = forward
+    yield shell, record
+
+
+def module_shell(module: torch.nn.Module, memo: Optional[dict] = None) -> torch.nn.Module:
+    """A new module object per module of the tree, holding the same parameters, buffers
+    and attributes (a submodule reached twice is one shell): setting attributes on it, as
+    torch.export's non-strict tracing does to swap in fake weights, leaves `module`
+    untouched."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    shell = module.__class__.__new__(module.__class__)
+    memo[id(module)] = shell
+    shell.__dict__.update(module.__dict__)
+    shell.__dict__["_parameters"] = dict(module._parameters)
+    shell.__dict__["_buffers"] = dict(module._buffers)
+    shell.__dict__["_modules"] = {name: None if child is None else module_shell(child, memo)
+                                  for name, child in module._modules.items()}
+    return shell
 
 
 def rebuild_output(spec, constants: tuple, tensors, sizes=None) -> object:

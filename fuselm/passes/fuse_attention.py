@@ -36,21 +36,32 @@ from .patterns import Any, Op, Rule, rewrite
 
 # ----------------------------------------------------------------------------- 1. matmul
 def _batched_matmul(builder, m):
+    """Only where the reshapes split the batch dim alone: a reshape that also moves rows
+    or columns (einsum's unsqueezed size-1 dims) is not a batched matmul of the sources."""
     out = m.old("out")
-    if out.type.rank < 4:
+    if out.type.rank < 4 or not _same_dims(out.type.shape[-2:], out.inputs[0].type.shape[-2:]):
         return None
     a, b = (_unflattened(builder, m, name, out) for name in ("a3", "b3"))
+    if a is None or b is None:
+        return None
     candidate = builder.op("matmul", a, b, source=out.source)
     return candidate if candidate.type.same_as(out.type) else None
 
 
+def _same_dims(a, b) -> bool:
+    return len(a) == len(b) and all(dims_equal(x, y) for x, y in zip(a, b))
+
+
 def _unflattened(builder, m, name: str, out):
-    """The matmul operand with out's batch dims, from the source of its 3-d reshape."""
+    """The matmul operand with out's batch dims, from the source of its 3-d reshape
+    (None when the source holds other elements than that shape)."""
     flat = m.old(name)
     source = m._mapped(flat.inputs[0])
     shape = out.type.shape[:-2] + flat.type.shape[-2:]
-    if source.type.rank == len(shape) and all(dims_equal(a, b) for a, b in zip(source.type.shape, shape)):
+    if _same_dims(source.type.shape, shape):
         return source
+    if not dims_equal(source.type.numel, out.type.with_shape(shape).numel):
+        return None
     return builder.op("reshape", source, shape=shape, source=flat.source)
 
 

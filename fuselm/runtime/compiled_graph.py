@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import FuselmError
+from ..frontend.guards import ShapeGuards
 from ..frontend.signature import TENSOR, CallSignature, rebuild_output
 from ..ir.graph import Graph, Input, Node
 from ..ir.interpreter import bind_symbols
 from ..ir.registry import get_op
 from ..target import Target
 from .executor import Executor
+from .index_bounds import IndexBounds
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,15 @@ class CompiledGraph:
     """One captured graph, its kernels and the executor that runs them."""
 
     def __init__(self, graph: Graph, steps: list, launches: list, fallbacks: Counter, signature: CallSignature,
-                 output, target: Target, training: bool = False, program=None):
+                 output, target: Target, training: bool = False, program=None, guards: Optional[ShapeGuards] = None,
+                 updates: Optional[tuple] = None, state: Optional[dict] = None):
+        """`guards`, `updates` and `state` as in frontend.capture.Captured (`state` maps
+        each state input to a getter of the module buffer it carries); without `updates`
+        (an artifact's graph), each extra output is traced to its input through the ops
+        that alias one."""
         self.graph, self.steps, self.target, self.training = graph, steps, target, training
+        self.guards = guards or ShapeGuards()  # conditions on sizes of the branches the capture took
+        self._state = list((state or {}).values())  # getters, in the order of the last graph inputs
         self.program = program  # the whole graph as one native program (cpu), else None: the executor runs it
         self.fallbacks = fallbacks
         self.signature, self.output = signature, output
@@ -41,9 +50,14 @@ class CompiledGraph:
         kernels = {id(group): kernel for group, kernel in launches}
         self._executor = Executor(graph, steps, lambda group: kernels[id(group)].run)
         self._user_outputs = len([c for c in output.constants if c is TENSOR])
-        self._updated_inputs = [graph.inputs.index(_updated_input(v)) for v in graph.outputs[self._user_outputs:]]
+        if updates is None:
+            updates = [_updated_input(v).name for v in graph.outputs[self._user_outputs:]]
+        names = [v.name for v in graph.inputs]
+        self._updated_inputs = [names.index(name) for name in updates]
+        self._index_bounds = IndexBounds(graph)
 
     def serves(self, signature: CallSignature, tensors: tuple, training: bool) -> bool:
+        tensors = self._with_state(tensors)
         if training != self.training or len(tensors) != len(self.graph.inputs):
             return False
         if signature.guard_key() != self.signature.guard_key():
@@ -52,9 +66,14 @@ class CompiledGraph:
             bind_symbols(self.graph.inputs, tensors)
         except TypeError:
             return False
-        return True
+        return self.guards.holds(self.signature.names, tensors)
+
+    def _with_state(self, tensors: tuple) -> tuple:
+        return tensors + tuple(buffer() for buffer in self._state) if self._state else tensors
 
     def run(self, tensors: tuple):
+        tensors = self._with_state(tensors)
+        self._index_bounds.check(tensors)
         results = self.program(*tensors) if self.program is not None else self._executor(*tensors)
         results = results if isinstance(results, tuple) else (results,)
         for index, value in zip(self._updated_inputs, results[self._user_outputs:]):
