@@ -130,7 +130,7 @@ def minilm_batch(vocab_size: int, count: int = 64):
     return ids, mask, sum(lengths) / ids.numel()
 
 
-def onnx_session(hf_model, ids, mask, provider: str = "CPUExecutionProvider"):
+def onnx_session(hf_model, ids, mask, provider: str = "CPUExecutionProvider", threads: int = 2):
     import onnxruntime
 
     class Wrapper(torch.nn.Module):
@@ -147,7 +147,7 @@ def onnx_session(hf_model, ids, mask, provider: str = "CPUExecutionProvider"):
                       dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"},
                                     "last_hidden_state": {0: "b", 1: "s"}})
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = threads
     return onnxruntime.InferenceSession(str(path), options, providers=[provider])
 
 

@@ -61,7 +61,8 @@ PROGRAM_MIN_LAUNCHES = 16
 def compile(model: torch.nn.Module, example_inputs=None, *, target: Union[str, Target] = "cpu",
             dynamic: Union[None, bool, dict] = None, strict: bool = False, recompile_limit: int = 8,
             dump_dir: Optional[str] = None, cache_dir: Optional[str] = None,
-            donate_weights: bool = False, quantize: Union[None, str, QuantizeConfig] = None) -> "CompiledModule":
+            donate_weights: bool = False, quantize: Union[None, str, QuantizeConfig] = None,
+            pack: bool = False) -> "CompiledModule":
     """Compile `model` for `target`; with `example_inputs` (a tuple of positional
     arguments) it is captured now, else at the first call.
 
@@ -72,12 +73,17 @@ def compile(model: torch.nn.Module, example_inputs=None, *, target: Union[str, T
     `quantize`: a scheme name ("int8", "w8a8", "int4-g32", "int4-g64", "int4-g128",
     "llm.int8", "nf4") or a `fuselm.QuantizeConfig`: the fused graph's gemms read quantized
     weights (`qgemm`); w8a8 and llm.int8 calibrate on `QuantizeConfig(calibration=[args,
-    ...])`, by default on the example inputs (or the first call's)."""
+    ...])`, by default on the example inputs (or the first call's).
+    `pack=True`: a padded encoder (an attention masked by a `[B, S]` padding-mask input)
+    runs its token-wise ops on the real tokens only (passes/pack_varlen.py); the call
+    is the same, real positions are eager's, padded positions of the results are zeros."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fuselm.compile takes a torch.nn.Module, got {type(model).__name__}")
     if dynamic not in (None, True, False) and not (isinstance(dynamic, dict) and all(
             isinstance(dims, dict) for dims in dynamic.values())):
         raise TypeError(f"dynamic must be None, True, False or a dict {{parameter: {{dim: symbol}}}}, got {dynamic!r}")
+    if not isinstance(pack, bool):
+        raise TypeError(f"pack must be True or False, got {pack!r}")
     if isinstance(recompile_limit, bool) or not isinstance(recompile_limit, int) or recompile_limit < 0:
         raise ValueError(f"recompile_limit must be an int >= 0, got {recompile_limit!r}")
     target = get_target(target)
@@ -86,7 +92,7 @@ def compile(model: torch.nn.Module, example_inputs=None, *, target: Union[str, T
     cache_dir = _directory("cache_dir", cache_dir)
     options = CompileOptions(target, dynamic, strict or os.environ.get("FUSELM_STRICT", "") not in ("", "0"),
                              recompile_limit, dump_dir, cache_dir,
-                             donate_weights, quantize_config(quantize))
+                             donate_weights, quantize_config(quantize), pack)
     compiled = CompiledModule(model, options)
     if example_inputs is not None:
         compiled.capture(tuple(example_inputs), {})
@@ -122,6 +128,7 @@ class CompileOptions:
     cache_dir: Optional[str]
     donate_weights: bool
     quantize: Optional[QuantizeConfig] = None
+    pack: bool = False
 
 
 class CompiledModule:
@@ -246,7 +253,7 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
         captured = capture_module(flat, tensors, dynamic, strict=options.strict)
         graph = captured.graph
         quantize = _quantization(model, flat, signature, tensors, options)
-        passes = target.passes(options.donate_weights, quantize, _packed_weights(options.quantize))
+        passes = target.passes(options.donate_weights, quantize, _packed_weights(options.quantize), options.pack)
         graph = run_passes(graph, passes, dump_dir=options.dump_dir)
     model.train(training)
     graph.constants.update(target.prepare_weights(graph.constants))
@@ -362,12 +369,13 @@ def _torch_only(group: Graph) -> bool:
 
 
 def compile_lm(loaded, target: Union[str, Target], block_size: int, dtype: torch.dtype, cache_dir: Optional[str],
-               donate_weights: bool = False, quantize: Union[None, str, QuantizeConfig] = None):
+               donate_weights: bool = False, quantize: Union[None, str, QuantizeConfig] = None, pack: bool = False):
     """A loaded language model compiled for `target` in the LM contract (models/contract.py),
     with symbolic token and batch sizes: the engine's forward pass.
     `donate_weights`: the compiled layouts may reuse (and scramble) the module's weights.
     `quantize`: as for `compile`; calibration samples are texts or token lists (default:
-    an English text, see quant/calibration.py), run as one prefill."""
+    an English text, see quant/calibration.py), run as one prefill. `pack`: as for
+    `compile` (an encoder's padded batch runs on its real tokens)."""
     from .models.contract import capture_example, pack_prompts
     from .quant.calibration import calibration_prompts
 
@@ -383,7 +391,7 @@ def compile_lm(loaded, target: Union[str, Target], block_size: int, dtype: torch
         sample = pack_prompts(loaded.config, prompts, block_size=block_size, all_logits=True, dtype=dtype)
         config = config.with_calibration([tuple(t.to(target.device) for t in sample.as_tuple())])
     return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir,
-                   donate_weights=donate_weights, quantize=config)
+                   donate_weights=donate_weights, quantize=config, pack=pack)
 
 
 def _first_of_each_uncached_kernel(groups: list, cache: KernelCache) -> set:

@@ -1,9 +1,10 @@
-"""The `fuselm` command line: `generate`, `chat`, `serve`, `build`, `models`, `ir` and `inspect`.
+"""The `fuselm` command line: `generate`, `chat`, `embed`, `serve`, `build`, `models`, `ir` and `inspect`.
 
     fuselm generate "What is the capital of France?"     # SmolLM2 on the best target
     fuselm build smollm2-135m -o smollm2.fuselm          # compile once: an artifact directory
     fuselm generate --model smollm2.fuselm "Hello"       # served from it, nothing compiled
     fuselm chat --model PATH --target cpu                # an interactive conversation
+    fuselm embed "a sentence" "another" [--json]         # sentence embeddings (all-MiniLM-L6-v2)
     fuselm serve --port 8000                             # an OpenAI-compatible server
     fuselm inspect DUMP_DIR [--kernel NAME | --graph g.svg | --profile]  # the kernels
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import os
 import sys
 import time
@@ -136,6 +138,22 @@ def cmd_generate(args) -> int:
     has_template = llm.tokenizer.chat_template is not None
     prompt = args.prompt if args.raw or not has_template else llm.chat_prompt([{"role": "user", "content": args.prompt}])
     stream_reply(llm, prompt, params)
+    return 0
+
+
+def cmd_embed(args) -> int:
+    """One embedding per text (one line each: the values, or a JSON list with --json)."""
+    from .encoder import Encoder
+
+    announce_loading(args.model)
+    encoder = Encoder(args.model, target=args.target, quantize=None if args.quantize == "none" else args.quantize)
+    vectors = encoder.encode(list(args.texts), normalize=args.normalize, truncate=not args.no_truncate)
+    if args.json:
+        print(json.dumps({"model": args.model, "dimension": encoder.dimension,
+                          "embeddings": [[round(x, 7) for x in v.tolist()] for v in vectors]}))
+    else:
+        for vector in vectors:
+            print(" ".join(f"{x:.6f}" for x in vector.tolist()))
     return 0
 
 
@@ -295,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat = command("chat", cmd_chat, "an interactive conversation through the chat template")
     chat.add_argument("--system", help="a system message")
     add_generation_options(chat)
+    embed = command("embed", cmd_embed, "embed texts with an encoder (sentence embeddings, packed batches)")
+    embed.add_argument("texts", nargs="+", metavar="TEXT", help="the texts to embed")
+    embed.add_argument("--model", default="minilm-l6", help="a named encoder (see `fuselm models`) or a local "
+                       "Hugging Face BERT directory")
+    embed.add_argument("--target", default="auto", choices=["auto", "cpu", "cuda"], help="where the kernels run")
+    embed.add_argument("--json", action="store_true", help="print one JSON object with every embedding")
+    embed.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                       help="L2-normalize (default: as the model's sentence-transformers files say)")
+    embed.add_argument("--no-truncate", action="store_true", help="refuse a text longer than the model takes "
+                       "instead of cutting it")
+    add_quantize_option(embed)
     serve = command("serve", cmd_serve, "an OpenAI-compatible HTTP server (needs `pip install 'fuselm[serve]'`)")
     add_serve_options(serve)
     build = command("build", cmd_build, "compile a model once into an artifact directory, which "

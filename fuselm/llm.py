@@ -67,6 +67,9 @@ class LLM:
             packed = loads_packed(quantize)  # a bad quantize= is refused before the model loads
             with target.importing():
                 loaded = load(model, dtype=dtype or target.default_dtype, packed=packed)
+                if loaded.config.model_type == "bert":
+                    raise ValueError(f"{model!r} is an encoder ({loaded.config.model_type}): it embeds text and does "
+                                     "not generate; use fuselm.Encoder (`fuselm embed` on the command line)")
                 self.engine = LLMEngine(loaded, target, block_size=block_size or DEFAULT_BLOCK_SIZE,
                                         donate_weights=True, quantize=quantize, **options)  # the model is ours alone
         self.target, self.tokenizer = self.engine.target, self.engine.tokenizer

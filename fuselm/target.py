@@ -53,12 +53,13 @@ class Target:
                               f"{spelling.format('cpu')}, or set TRITON_INTERPRET=1 to run the Triton kernels "
                               "in Triton's interpreter")
 
-    def passes(self, donate_weights: bool = False, quantize: Optional[list] = None, packed_weights=None) -> list:
-        """The pass pipeline for this target: the generic passes (with the quantization
-        and packed-weight passes, if any), then its own."""
+    def passes(self, donate_weights: bool = False, quantize: Optional[list] = None, packed_weights=None,
+               pack: bool = False) -> list:
+        """The pass pipeline for this target: the generic passes (with the quantization,
+        packed-weight and packing passes, if any), then its own."""
         from .passes import pipeline
 
-        return pipeline(self.name, donate_weights, quantize, packed_weights)
+        return pipeline(self.name, donate_weights, quantize, packed_weights, pack)
 
     def prepare_weights(self, constants: dict) -> dict:
         """The graph's constants as this target's kernels read them."""

@@ -229,9 +229,29 @@ def test_minilm_artifact_loads_in_a_fresh_process_and_computes_what_the_compile_
     assert_loaded_as_built(result, len(compiled.kernels))
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["block_size"] is None and manifest["model"]["model_type"] == "bert"
-    assert [i["shape"] for i in manifest["signature"]["inputs"]] == [["B", "S"], ["B", "S"]]
+    inputs = manifest["signature"]["inputs"]  # the model's two, then the packing inputs it derives from the mask
+    assert [i["shape"] for i in inputs[:2]] == [["B", "S"], ["B", "S"]]
+    assert [i["name"] for i in inputs[2:]] == [f"attention_mask__varlen_{n}" for n in ("tokens", "positions", "cu_seqlens")]
+    assert manifest["sentence"] == {"pooling": ["mean_tokens"], "normalize": True, "max_seq_length": 256}
     with pytest.raises(ArtifactError, match="not a causal language model: .* call fuselm.load on it instead"):
         LLM(model=str(directory))
+
+
+@pytest.mark.slow
+def test_an_encoder_serves_sentence_embeddings_from_the_minilm_artifact(minilm_artifact):
+    from fuselm.encoder import pool
+
+    directory, compiled = minilm_artifact
+    encoder = fuselm.Encoder(str(directory))
+    assert encoder.sentence.normalize and encoder.max_length == 256 and encoder.target.name == "cpu"
+    texts = ["a sentence to embed", "", "another, somewhat longer sentence to embed with the artifact"]
+    got = encoder.encode(texts, normalize=False)
+    for text, row in zip(texts, got):
+        ids = torch.tensor([encoder.tokenizer.encode(text)])
+        mask = torch.ones_like(ids)
+        torch.testing.assert_close(row, pool(compiled(ids, mask), mask, ("mean_tokens",))[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ArtifactError, match="its quantization was chosen when it was built"):
+        fuselm.Encoder(str(directory), quantize="int8")
 
 
 @pytest.mark.slow

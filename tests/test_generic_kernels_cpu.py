@@ -27,7 +27,7 @@ from fuselm.ir.registry import all_ops
 
 T = symbol("T")
 DEDICATED = {"gemm", "qgemm", "layer_norm", "rms_norm", "attention", "paged_attention", "kv_cache_write", "rope",
-             "embedding", "qembedding"}
+             "embedding", "qembedding", "pack", "unpack", "varlen_attention"}
 
 
 @dataclass

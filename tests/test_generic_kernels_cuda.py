@@ -26,7 +26,7 @@ from fuselm.ir.registry import all_ops  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
 DEDICATED = {"gemm", "qgemm", "layer_norm", "rms_norm", "attention", "paged_attention", "kv_cache_write", "rope",
-             "embedding", "qembedding"}
+             "embedding", "qembedding", "pack", "unpack", "varlen_attention"}
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 2e-2}
 
 

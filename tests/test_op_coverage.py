@@ -48,6 +48,15 @@ def dedicated_group(op: str):
     if op == "attention":
         q, k, v = (b.input(n, TensorType((1, 2, T, 16), "f32")) for n in "qkv")
         return b.build([b.op(op, q, k, v, causal=True, scale=0.25)])
+    if op == "pack":
+        padded = b.input("padded", TensorType((2, symbol("S"), 16), "f32"))
+        return b.build([b.op(op, padded, b.input("tokens", TensorType((T,), "i64")))])
+    if op == "unpack":
+        return b.build([b.op(op, x, b.input("positions", TensorType((2, symbol("S")), "i64")))])
+    if op == "varlen_attention":
+        q, k, v = (b.input(n, TensorType((T, 2, 16), "f32")) for n in "qkv")
+        cu = b.input("cu", TensorType((3,), "i32"))
+        return b.build([b.op(op, q, k, v, cu, causal=False, scale=None)])
     cache = b.input("cache", TensorType((1, 2, 4, 4, 2, 16), "f32"))
     if op == "kv_cache_write":
         k, v = (b.input(n, TensorType((T, 2, 16), "f32")) for n in "kv")

@@ -24,6 +24,7 @@ from typing import Optional, Union
 
 from ..codegen.cache import KernelCache
 from ..errors import ArtifactError, FuselmError
+from ..models.sentence import SentenceConfig
 from ..quant.config import loads_packed, quantize_config
 from ..target import Target, get_target
 from .machine import check_mcpu, code_settings, requirements
@@ -56,7 +57,7 @@ def build(model: Union[str, Path], output: Union[str, Path], *, target: Union[st
         causal = loaded.config.model_type != "bert"  # as models.contract.capture_example tells them apart
         emitting = _without_running(target)
         compiled = compile_lm(loaded, emitting, DEFAULT_BLOCK_SIZE, target.default_dtype, cache_dir,
-                              donate_weights=True, quantize=quantize)
+                              donate_weights=True, quantize=quantize, pack=not causal)  # encoders: packed
         graph = compiled.entries[-1]
         if graph.fallbacks:
             listed = ", ".join(f"{op} x{n}" for op, n in sorted(graph.fallbacks.items()))
@@ -67,6 +68,9 @@ def build(model: Union[str, Path], output: Union[str, Path], *, target: Union[st
                                dtype=target.default_dtype, max_model_len=max_model_len,
                                block_size=DEFAULT_BLOCK_SIZE if causal else None)
         description["quantize"] = None if quantize == "none" else quantize_config(quantize).name
+        if not causal:  # how fuselm.Encoder pools, normalizes and truncates for this model
+            description["sentence"] = (SentenceConfig.read(loaded.source) if loaded.source.is_dir()
+                                       else SentenceConfig()).as_dict()
         phase("copy kernels")
         description.update(write_code(graph, KernelCache(emitting, cache_dir), staging))
         phase("write weights")

@@ -137,7 +137,7 @@ class Artifact:
             raise TypeError(f"fuselm artifact {self.path}: it was built for calls forward({self._inputs()}) "
                             f"with {_leaves(built)}; this call passes {_leaves(signature)}")
         try:
-            bind_symbols(self._compiled.graph.inputs, tensors)
+            bind_symbols(self._compiled.graph.inputs, self._compiled.graph_inputs(tensors))
         except TypeError as error:
             raise TypeError(f"fuselm artifact {self.path}: {error} (it takes forward({self._inputs()}))") from None
         if len(self._fitting) >= MAX_REMEMBERED_SHAPES:

@@ -103,4 +103,6 @@ FIELD_CHECKS = {
     "program": lambda v: v is None or v == "program",
     "tokenizer": lambda v: isinstance(v, bool),
     "quantize": lambda v: v is None or isinstance(v, str),
+    "sentence": lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("pooling"), list)
+                                        and isinstance(v.get("normalize"), bool)),
 }

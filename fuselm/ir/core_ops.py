@@ -100,7 +100,7 @@ _BINARY_OPS = {
     "floor_divide": (torch.floor_divide, False),
 }
 for _name, (_fn, _cmp) in _BINARY_OPS.items():
-    register(_name, _binary_infer(_cmp), _binary_reference(_fn), inputs=(1, 2))
+    register(_name, _binary_infer(_cmp), _binary_reference(_fn), inputs=(1, 2), pointwise=True)
 
 
 def _div_infer(types, attrs):
@@ -108,7 +108,7 @@ def _div_infer(types, attrs):
     return result if result.is_float or result.is_complex else result.with_dtype("f32")  # true division
 
 
-register("div", _div_infer, _binary_reference(torch.div), inputs=(1, 2))
+register("div", _div_infer, _binary_reference(torch.div), inputs=(1, 2), pointwise=True)
 
 def _float_result(types, attrs):
     """Float functions of integers give f32, as in torch."""
@@ -144,15 +144,16 @@ _FLOAT_UNARY_OPS = {
     "atan": torch.atan,
 }
 for _name, _fn in _UNARY_OPS.items():
-    register(_name, _same, _fn)
+    register(_name, _same, _fn, pointwise=True)
 for _name, _fn in _FLOAT_UNARY_OPS.items():
-    register(_name, _float_result, _fn)
+    register(_name, _float_result, _fn, pointwise=True)
 
-register("logical_not", lambda t, a: t[0].with_dtype("bool"), torch.logical_not)
-register("isnan", lambda t, a: t[0].with_dtype("bool"), torch.isnan)
-register("isinf", lambda t, a: t[0].with_dtype("bool"), torch.isinf)
-register("gelu", _float_result, lambda x, approximate="none": F.gelu(x, approximate=approximate))
-register("cast", lambda t, a: t[0].with_dtype(a["dtype"]), lambda x, dtype: x.to(TensorType((), dtype).torch_dtype))
+register("logical_not", lambda t, a: t[0].with_dtype("bool"), torch.logical_not, pointwise=True)
+register("isnan", lambda t, a: t[0].with_dtype("bool"), torch.isnan, pointwise=True)
+register("isinf", lambda t, a: t[0].with_dtype("bool"), torch.isinf, pointwise=True)
+register("gelu", _float_result, lambda x, approximate="none": F.gelu(x, approximate=approximate), pointwise=True)
+register("cast", lambda t, a: t[0].with_dtype(a["dtype"]), lambda x, dtype: x.to(TensorType((), dtype).torch_dtype),
+         pointwise=True)
 
 
 def _where_infer(types, attrs):
@@ -161,7 +162,7 @@ def _where_infer(types, attrs):
     return TensorType(broadcast_shapes(*(t.shape for t in types)), dtype_of(torch.result_type(_meta(types[1]), _meta(types[2]))))
 
 
-register("where", _where_infer, torch.where, inputs=3)
+register("where", _where_infer, torch.where, inputs=3, pointwise=True)
 
 
 def _masked_fill_infer(types, attrs):
@@ -171,7 +172,8 @@ def _masked_fill_infer(types, attrs):
     return types[0]
 
 
-register("masked_fill", _masked_fill_infer, lambda x, mask, value: x.masked_fill(mask, value), inputs=2)
+register("masked_fill", _masked_fill_infer, lambda x, mask, value: x.masked_fill(mask, value), inputs=2,
+         pointwise=True)
 
 
 # ----------------------------------------------------------------------------- reductions

@@ -36,6 +36,7 @@ class OpDef:
     heavy: bool = False
     fallback: bool = False
     transient: bool = False
+    pointwise: bool = False  # each output element from the inputs' elements at its index (broadcast)
 
     @property
     def has_side_effect(self) -> bool:
@@ -46,18 +47,19 @@ OPS: dict[str, OpDef] = {}
 
 
 def register(name: str, infer, reference, inputs=1, aliases_input: Optional[int] = None, *,
-             view: bool = False, heavy: bool = False, fallback: bool = False, transient: bool = False) -> None:
+             view: bool = False, heavy: bool = False, fallback: bool = False, transient: bool = False,
+             pointwise: bool = False) -> None:
     """Register op `name`; `inputs` is a count or a (min, max) range (max None: variadic)."""
     low, high = inputs if isinstance(inputs, tuple) else (inputs, inputs)
     if name in OPS:
         raise ValueError(f"op {name!r} registered twice")
     OPS[name] = OpDef(name, infer, reference, low, high if high is not None else 1 << 30, aliases_input,
-                      view, heavy, fallback, transient)
+                      view, heavy, fallback, transient, pointwise)
 
 
 def all_ops() -> dict:
     """Every registered op, by name."""
-    from . import core_ops, quant_ops  # noqa: F401
+    from . import core_ops, quant_ops, varlen_ops  # noqa: F401
 
     return dict(OPS)
 
@@ -75,7 +77,7 @@ def is_fallback(op: str) -> bool:
 
 
 def get_op(name: str) -> OpDef:
-    from . import core_ops, quant_ops  # noqa: F401  (register the ops on first use)
+    from . import core_ops, quant_ops, varlen_ops  # noqa: F401  (register the ops on first use)
 
     if name not in OPS:
         raise IRTypeError(f"unknown op {name!r}")

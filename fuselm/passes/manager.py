@@ -27,6 +27,7 @@ from .fuse_sibling_gemms import fuse_sibling_gemms
 from .canonicalize import canonicalize
 from .layout import prepack_weights
 from .matmul_to_gemm import matmul_to_gemm
+from .pack_varlen import pack_varlen
 
 Pass = tuple  # (name, Graph -> Graph)
 
@@ -64,15 +65,20 @@ TARGET_PASSES: dict = {
 
 
 def pipeline(target: Optional[str] = None, donate_weights: bool = False, quantize: Optional[list] = None,
-             packed_weights: Optional[Pass] = None) -> list:
+             packed_weights: Optional[Pass] = None, pack: bool = False) -> list:
     """PIPELINE, then the passes of `target` (none when target is None). With
     `donate_weights` the layout pass packs weights into their own storage (see layout.py).
     `quantize`: the quantization passes (passes/quantize.py `quantization_passes`), run
     on the fused graph, before the final dead-code pass and the target's passes.
     `packed_weights`: the pass giving a packed checkpoint's weights their parts
     (passes/packed_weights.py), right after matmul_to_gemm: while gemms read their
-    weights as captured, before constant folding and fusion."""
+    weights as captured, before constant folding and fusion.
+    `pack`: pack_varlen right after fuse_attention (it reads fused attentions and the
+    plain gemms, norms and activations fusion then fuses on the packed rows)."""
     passes = PIPELINE[:-1] + list(quantize or []) + PIPELINE[-1:] + TARGET_PASSES.get(target, [])
+    if pack:
+        at = [name for name, _ in passes].index("fuse_attention") + 1
+        passes = passes[:at] + [("pack_varlen", pack_varlen)] + passes[at:]
     if packed_weights is not None:
         at = [name for name, _ in passes].index("matmul_to_gemm") + 1
         passes = passes[:at] + [packed_weights] + passes[at:]

@@ -20,6 +20,7 @@ from ..ir.registry import get_op
 from ..target import Target
 from .executor import Executor
 from .index_bounds import IndexBounds
+from .varlen import PackingInputs
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class CompiledGraph:
         that alias one."""
         self.graph, self.steps, self.target, self.training = graph, steps, target, training
         self.guards = guards or ShapeGuards()  # conditions on sizes of the branches the capture took
-        self._state = list((state or {}).values())  # getters, in the order of the last graph inputs
+        self._state = list((state or {}).values())  # getters, in the order of the graph inputs after the call's
+        self._packing = PackingInputs.of(graph)  # pack_varlen's inputs, last: derived from the padding mask
         self.program = program  # the whole graph as one native program (cpu), else None: the executor runs it
         self.fallbacks = fallbacks
         self.signature, self.output = signature, output
@@ -57,10 +59,12 @@ class CompiledGraph:
         self._index_bounds = IndexBounds(graph)
 
     def serves(self, signature: CallSignature, tensors: tuple, training: bool) -> bool:
-        tensors = self._with_state(tensors)
-        if training != self.training or len(tensors) != len(self.graph.inputs):
+        if training != self.training or signature.guard_key() != self.signature.guard_key():
             return False
-        if signature.guard_key() != self.signature.guard_key():
+        if len(tensors) != len(self.signature.names):
+            return False
+        tensors = self.graph_inputs(tensors)
+        if len(tensors) != len(self.graph.inputs):
             return False
         try:
             bind_symbols(self.graph.inputs, tensors)
@@ -68,11 +72,17 @@ class CompiledGraph:
             return False
         return self.guards.holds(self.signature.names, tensors)
 
-    def _with_state(self, tensors: tuple) -> tuple:
-        return tensors + tuple(buffer() for buffer in self._state) if self._state else tensors
+    def graph_inputs(self, tensors: tuple) -> tuple:
+        """The call's tensors, then the graph inputs it derives from them: the state
+        buffers, then the packing inputs."""
+        if self._state:
+            tensors = tensors + tuple(buffer() for buffer in self._state)
+        if self._packing is not None:
+            tensors = tensors + self._packing.derive(tensors)
+        return tensors
 
     def run(self, tensors: tuple):
-        tensors = self._with_state(tensors)
+        tensors = self.graph_inputs(tensors)
         self._index_bounds.check(tensors)
         results = self.program(*tensors) if self.program is not None else self._executor(*tensors)
         results = results if isinstance(results, tuple) else (results,)

@@ -17,7 +17,9 @@ Emitters, one file per kind of group:
   paged_attention.py  paged_attention: causal varlen attention over a paged KV cache
   paged_decode.py     its split-KV (FlashDecoding) kernels, which its host wrapper picks for decode
   kv_cache_write.py   kv_cache_write: scatter new keys/values into the cache in place
-  elementwise.py      pointwise ops with broadcasting, views, concat, gathers, tril/triu, arange, rope
+  varlen_attention.py varlen_attention: flash attention over packed sequences (no padding)
+  elementwise.py      pointwise ops with broadcasting, views, concat, gathers (pack / unpack among
+                      them), tril/triu, arange, rope
   reduction.py        groups with reductions (sum, mean, amax, amin, argmax, argmin, var),
                       softmax / log_softmax or cumsum: a kernel per such node (its pointwise
                       prologue inlined) writing an intermediate, then a pointwise kernel
@@ -33,12 +35,13 @@ from pathlib import Path
 from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph
 from ..kernel import Kernel
-from . import attention, elementwise, gemm, kv_cache_write, matmul, norm, paged_attention, qgemm, reduction
+from . import (attention, elementwise, gemm, kv_cache_write, matmul, norm, paged_attention, qgemm, reduction,
+               varlen_attention)
 from .host import plan_group, run_source
 from .module import IMPORTS, GeneratedKernel, load_module
 
-EMITTERS = {op: emitter for emitter in (gemm, qgemm, matmul, norm, attention, paged_attention, kv_cache_write)
-            for op in emitter.OPS}
+EMITTERS = {op: emitter for emitter in (gemm, qgemm, matmul, norm, attention, paged_attention, kv_cache_write,
+                                        varlen_attention) for op in emitter.OPS}
 
 
 def emit(group: Graph, kernel_dir: Path) -> Kernel:

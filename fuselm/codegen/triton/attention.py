@@ -68,15 +68,24 @@ def {name}_kernel(
     batch = tl.program_id(axis=1) // H
     head = tl.program_id(axis=1) % H
     kv_head = head // KV_GROUP
-    rows = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row_mask = rows < S_Q
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
     mask_base = mask_ptr + batch.to(tl.int64) * stride_mb + head * stride_mh
+    out_base = out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh
+{attend_source(causal, mask_kind, cast_kv)}'''
+
+
+def attend_source(causal: bool, mask_kind=None, cast_kv: bool = False) -> str:
+    """The kernel lines of one query block against one head's keys (flash attention),
+    shared with varlen_attention.py: they read q_base, k_base, v_base (mask_base) and
+    out_base (one head of one sequence, `stride_*s` between positions), start_m, the
+    lengths S_Q and S_K, the head dims D and DV and the BLOCK_* sizes, and store the rows."""
+    return f'''    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_mask = rows < S_Q
     q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0)
 
@@ -102,7 +111,7 @@ def {name}_kernel(
         m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc, UPCAST)
 
     out = finish_softmax(acc, l_i)
-    out_ptrs = out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + rows[:, None] * stride_os + offs_dv[None, :] * stride_od
+    out_ptrs = out_base + rows[:, None] * stride_os + offs_dv[None, :] * stride_od
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_dv < DV)[None, :])
 '''
 

@@ -82,3 +82,27 @@ def finish_softmax(acc, l_i):
     """acc / l_i; rows that saw no visible key give 0."""
     return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
 '''
+
+
+QUERY_BLOCK = '''@triton.jit
+def query_block(cu_seqlens_ptr, num_seqs, pid, BLOCK_M: tl.constexpr):
+    """Query block `pid` of packed sequences (sequence n owns rows cu_seqlens[n]:cu_seqlens[n+1])
+    whose blocks are numbered from cu_seqlens[n] // BLOCK_M + n, so that T // BLOCK_M + N
+    programs cover every sequence without the host reading the lengths: (the sequence, its
+    first row, its length, the block's first row within it; past its length when the program
+    has no block).
+    """
+    # the sequence: the last n with cu_seqlens[n] // BLOCK_M + n <= pid (binary search)
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(cu_seqlens_ptr + mid) // BLOCK_M + mid <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    start = tl.load(cu_seqlens_ptr + seq)
+    length = tl.load(cu_seqlens_ptr + seq + 1) - start
+    return seq, start, length, (pid - start // BLOCK_M - seq) * BLOCK_M
+'''

@@ -5,8 +5,9 @@ One program computes BLOCK output elements. Each element's coordinates come from
 flat index; every node is then evaluated at coordinates of its own shape, working from
 the root to the inputs: a broadcast reads coordinate 0, a permute reorders coordinates,
 a reshape goes through the flat index, a slice offsets one, concat picks a part with
-tl.where, embedding/index_select/gather load the index first and read the source there
-(qembedding then reads its row's code and group scale and dequantizes),
+tl.where, embedding/index_select/gather/pack/unpack load the index first and read the
+source there (qembedding then reads its row's code and group scale and dequantizes;
+unpack's reads are masked off at padding, which gives 0),
 tril/triu compare the last two coordinates. Ops that take more than an expression
 (round half to even, log1p, expm1, atan, Python's modulo and floor division) call small
 device functions pasted into the module; NaN propagates through max/min/relu as in
@@ -57,7 +58,7 @@ BINARY = {
 }
 INTEGER_IDENTITY = ("floor", "ceil", "round", "trunc")  # integers are already whole numbers
 MOVES = ("reshape", "permute", "expand", "slice", "select", "concat", "embedding", "qembedding", "index_select",
-         "gather", "tril", "triu", "arange", "full", "rope")
+         "gather", "pack", "unpack", "tril", "triu", "arange", "full", "rope")
 OPS = tuple(UNARY) + tuple(BINARY) + ("gelu", "cast", "where", "masked_fill") + MOVES
 RAW_OPERANDS = ("eq", "ne", "lt", "le", "gt", "ge", "cast", "logical_and", "logical_or", "logical_xor", "logical_not",
                 "isnan", "isinf")
@@ -174,6 +175,7 @@ class IndexCodegen:
         self.lines: list = []
         self.helpers: set = set() if helpers is None else helpers
         self.prefix, self.lanes = prefix, lanes
+        self.mask = "mask"  # the lanes loads read (unpack narrows it to its real positions)
         self._indices: dict = {}  # expression -> index variable
         self._values: dict = {}  # (value, coordinates) -> variable
         self._count = 0  # value variables so far
@@ -235,7 +237,7 @@ class IndexCodegen:
     def _load(self, value: Value, coords: tuple) -> str:
         i = self.inputs[value]
         offset = " + ".join(f"{c} * in{i}_s{axis}" for axis, c in enumerate(coords) if c != "0") or f"{self.lanes} * 0"
-        load = f"tl.load(in{i}_ptr + {offset}, mask=mask, other=0)"
+        load = f"tl.load(in{i}_ptr + {offset}, mask={self.mask}, other=0)"
         if value.type.dtype == "bool":  # bool tensors arrive as uint8 views
             return f"{load} != 0"
         return f"{load}.to({compute_dtype(value.type.dtype)})"
@@ -345,6 +347,26 @@ class IndexCodegen:
         axis = node.attrs["dim"] % source.type.rank
         row = self.index(f"{self.value(index, coords)}.to(tl.int64)")
         return self.value(source, coords[:axis] + (row,) + coords[axis + 1:])
+
+    def _pack(self, node, coords):
+        """pack(x [B, S, ...], tokens [T]): row t is x's flat row tokens[t] = b * S + s."""
+        source, tokens = node.inputs
+        flat = self.index(f"{self.value(tokens, coords[:1])}.to(tl.int64)")
+        per_sequence = self.dim(source.type.shape[1])
+        b, s = self.index(f"{flat} // ({per_sequence})"), self.index(f"{flat} % ({per_sequence})")
+        return self.value(source, (b, s) + coords[1:])
+
+    def _unpack(self, node, coords):
+        """unpack(p [T, ...], positions [B, S]): p's row positions[b, s], 0 where it is < 0
+        (padding): the loads under it skip those lanes (an empty p is never read)."""
+        packed, positions = node.inputs
+        row = self.index(f"{self.value(positions, coords[:2])}.to(tl.int64)")
+        outer, self.mask = self.mask, self.index(f"{self.mask} & ({row} >= 0)")
+        try:
+            read = self._operand(node, packed, (row,) + coords[2:])
+        finally:
+            self.mask = outer
+        return f"tl.where({row} >= 0, {read}, 0)"
 
     def _triangle(self, node, coords):
         """tril / triu: the element where column - row is on the kept side of `diagonal`, else 0."""

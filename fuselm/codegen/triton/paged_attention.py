@@ -11,7 +11,8 @@ softmax over BLOCK_N context positions at a time, gathered through the block tab
 Programs: axis 0 numbers query blocks so that sequence n's blocks start at
 cu_seqlens_q[n] // BLOCK_M + n, which bounds them by T // BLOCK_M + N without reading
 the lengths on the host; each program finds its sequence by binary search over
-cu_seqlens_q. Axis 1 is the query head; head h reads kv head h // (H // Hkv).
+cu_seqlens_q (`query_block`, shared with varlen_attention.py). Axis 1 is the query
+head; head h reads kv head h // (H // Hkv).
 With `rope=true` the queries are rotated (rotate-half, cos/sin [T, D]) as they are read.
 
 Decode: when T <= N (at most one query row per sequence, empty sequences aside) the
@@ -24,7 +25,7 @@ from ...errors import UnsupportedKernelError
 from ...ir.graph import Node
 from ...ir.types import dim_str
 from . import paged_decode
-from .device_functions import ONLINE_SOFTMAX, ROPE, mma_source
+from .device_functions import ONLINE_SOFTMAX, QUERY_BLOCK, ROPE, mma_source
 from .module import GeneratedKernel, drop_omitted, number_token, optional, torch_dtype_name
 
 OPS = ("paged_attention",)
@@ -63,7 +64,7 @@ def generate(node: Node) -> GeneratedKernel:
         parts.append(f"cache{cache.dtype}")
     name = "_".join(parts)
     params = ("query", "kv_cache", "block_tables", "context_lens", "cu_seqlens_q", *(("cos", "sin") if rope else ()))
-    helpers = [mma_source(query.dtype), ONLINE_SOFTMAX, GATHER_KV] + ([ROPE] if rope else [])
+    helpers = [mma_source(query.dtype), ONLINE_SOFTMAX, QUERY_BLOCK, GATHER_KV] + ([ROPE] if rope else [])
     kind = "f32" if query.dtype == "f32" else "half"
     cast_kv = cache.dtype != query.dtype
     body = "\n\n".join(helpers + [
@@ -95,20 +96,8 @@ def {name}_kernel(
     pid = tl.program_id(axis=0)
     head = tl.program_id(axis=1)
     kv_head = head // KV_GROUP
-    # the sequence: the last n with cu_seqlens[n] // BLOCK_M + n <= pid (binary search)
-    lo: tl.int32 = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(cu_seqlens_ptr + mid) // BLOCK_M + mid <= pid:
-            lo = mid + 1
-        else:
-            hi = mid
-    seq = lo - 1
-    q_start = tl.load(cu_seqlens_ptr + seq)
-    q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    seq, q_start, q_len, start_m = query_block(cu_seqlens_ptr, num_seqs, pid, BLOCK_M)
     context_len = tl.load(context_lens_ptr + seq)
-    start_m = (pid - q_start // BLOCK_M - seq) * BLOCK_M
 
     rows = start_m + tl.arange(0, BLOCK_M)  # query index within the sequence
     offs_n = tl.arange(0, BLOCK_N)

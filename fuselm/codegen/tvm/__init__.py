@@ -21,9 +21,11 @@ PrimFunc})` and `make_run(group, functions) -> run`:
                   register-tiled micro-kernel; b read in place when given transposed
   norm.py         rms_norm / layer_norm, optionally with the residual add
   elementwise.py  any group of pointwise, view, reduction, gather, rope and attention
-                  ops: lowering.py holds the op -> TE table (attention.py adds attention),
+                  ops: lowering.py holds the op -> TE table (attention.py adds attention,
+                  varlen_lowering.py pack / unpack),
                   then one generic schedule
   paged.py        paged_attention and kv_cache_write, in TVMScript (data-dependent loops)
+  varlen.py       varlen_attention (packed sequences, no padding), in TVMScript
 A gemm, qgemm, matmul, norm or cache op may come with views (reshape, permute, ...) of its
 inputs before it and of its result after it: `run` applies those to the torch tensors.
 
@@ -82,13 +84,13 @@ class _Plan:
 
 
 def _plan(group: Graph) -> _Plan:
-    from . import elementwise, gemm, matmul, norm, paged, qgemm
+    from . import elementwise, gemm, matmul, norm, paged, qgemm, varlen
 
     if group.constants:
         raise ValueError("a kernel group takes its weights as inputs; it holds no constants")
     if len(group.outputs) != 1:
         raise UnsupportedKernelError(f"a kernel group has one output, this one has {len(group.outputs)}")
-    single = {op: m for m in (gemm, matmul, norm, paged, qgemm) for op in m.OPS}
+    single = {op: m for m in (gemm, matmul, norm, paged, qgemm, varlen) for op in m.OPS}
     ops = [node.op for node in group.nodes]
     if len(ops) == 1 and ops[0] in single:
         return _Plan(group, group, single[ops[0]])

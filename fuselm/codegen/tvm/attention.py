@@ -163,6 +163,12 @@ def tiled_supported(group) -> bool:
     return True
 
 
+def value_slice(width: int) -> int:
+    """The Dv slice of a P.V register block: two vectors, else one, else all of Dv."""
+    lanes = vector_lanes()
+    return 2 * lanes if width % (2 * lanes) == 0 else lanes if width % lanes == 0 else width
+
+
 def tiled_func(node, parallel: bool = True):
     from tvm.script import tirx as T
 
@@ -180,8 +186,7 @@ def tiled_func(node, parallel: bool = True):
     RB = 4
     HALF = vector_lanes()  # lanes of the per-row partial max and sum
     KS = KEYS_PER_BLOCK
-    lanes = vector_lanes()
-    DV = 2 * lanes if DVAL % (2 * lanes) == 0 else lanes if DVAL % lanes == 0 else DVAL
+    DV = value_slice(DVAL)
     NEG = T.float32(-math.inf)
     items = T.parallel if parallel else T.serial
 

@@ -27,10 +27,11 @@ from tvm.s_tir.schedule import ScheduleError
 from ...ir.graph import Graph
 from ..kernel import group_key
 from ..memory import kernel_ready
-from . import attention  # noqa: F401  (registers the attention lowering)
+from . import attention, varlen_lowering
 from .build import SERIAL_MAX, Dims, OutputShape, ShapeBinder, tir_dtype, vector_lanes
 from .lowering import LOWER, lower
 
+LOWERING_MODULES = (attention, varlen_lowering)  # their imports add attention, pack and unpack to LOWER
 OPS = tuple(LOWER)
 _REDUCE = 2  # IterVar.CommReduce
 KEEP = "_kept"  # a compute named so is materialized (per row), not inlined

@@ -117,6 +117,16 @@ KEYS_PER_CHUNK = 16  # context positions whose keys are gathered (transposed) to
 ROWS_PER_TILE = 8
 
 
+@T.macro
+def store_tile(out, acc, total, first, rows, kv, tile_rows: int, group: int, width: int, dtype: str):
+    """out[first + qi, kv * group + g] = acc / total of tile row qi * group + g, for the
+    tile's real rows (qi < rows): the query tile of paged attention and varlen attention."""
+    for qi, g in T.grid(tile_rows, group):
+        if T.Cast("int64", qi) < rows:
+            for d in T.vectorized(width):
+                out[first + qi, kv * group + g, d] = T.Cast(dtype, acc[qi * group + g, d] / total[qi * group + g])
+
+
 def paged_attention_tiled_func(s: CacheSpec, rows_per_tile: int):
     """Query tiles: rows_per_tile query rows x the H/Hkv heads sharing one kv head.
 
@@ -227,11 +237,7 @@ def paged_attention_tiled_func(s: CacheSpec, rows_per_tile: int):
                                     acc[rb * RB + ri, dc * DV + dd] = acc[rb * RB + ri, dc * DV + dd] + sc[
                                         rb * RB + ri, j] * T.Cast("float32", cache[
                                             LAYER, 1, blocks[j], offsets[j], kv, dc * DV + dd])
-                for qi, g in T.grid(QT, GROUP):
-                    if T.Cast("int64", qi) < rows:
-                        for d in T.vectorized(D):
-                            out[start + q0 + qi, kv * GROUP + g, d] = T.Cast(
-                                q_dt, acc[qi * GROUP + g, d] / total[qi * GROUP + g])
+                store_tile(out, acc, total, start + q0, rows, kv, QT, GROUP, D, q_dt)
 
     return paged_attention_tiled
 
