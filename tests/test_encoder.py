@@ -55,6 +55,20 @@ def test_a_thousand_mixed_texts_equal_hugging_face_in_input_order(encoder, hf_mi
     assert graph_ops.count("varlen_attention") == 6 and "attention" not in graph_ops
 
 
+@pytest.mark.parametrize("lengths", [[1, 17, 256, 9], [40, 40, 40], [1]])
+def test_the_packed_minilm_equals_hugging_face_at_real_positions(encoder, hf_minilm, lengths):
+    generator = torch.Generator().manual_seed(len(lengths))
+    ids = torch.randint(1000, 30000, (len(lengths), max(lengths)), generator=generator)
+    mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
+    with torch.no_grad():
+        expected = hf_minilm(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = encoder.forward(ids, mask)
+    keep = mask.bool()
+    assert F.cosine_similarity(got[keep], expected[keep], dim=-1).min().item() >= 0.99999
+    torch.testing.assert_close(got[keep], expected[keep], atol=2e-4, rtol=1e-4)
+    assert (got[~keep] == 0).all()
+
+
 def test_one_string_gives_a_vector_and_normalize_follows_the_model(encoder, hf_minilm, hf_minilm_tokenizer):
     assert encoder.sentence.normalize and encoder.max_length == 256
     vector = encoder.encode("a single sentence")

@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: benchmarks/zoo.py
 from benchmarks.zoo import ARCHS, TINY, build  # noqa: E402
 
-MAX_LENGTH = 12
+MAX_LENGTH = TINY.positions  # the longest sequence the tiny configs take
 
 
 class LastHidden(torch.nn.Module):
@@ -45,7 +45,7 @@ def batch(lengths, vocab: int, seed: int = 0, left: bool = False):
     return ids, mask
 
 
-LENGTH_MIXES = [[5, 1, 12, 7], [6, 6, 6], [12], [1, 1], [3, 12, 9, 2, 11]]
+LENGTH_MIXES = [[5, 1, MAX_LENGTH, 7], [6, 6, 6], [12], [1, 1], [3, 12, 9, 2, 11]]
 
 
 def close_at_real_positions(got, expected, mask):
