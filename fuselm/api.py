@@ -77,8 +77,12 @@ def compile(model: torch.nn.Module, example_inputs=None, *, target: Union[str, T
     `pack=True`: a padded encoder (an attention masked by a `[B, S]` padding-mask input)
     runs its token-wise ops on the real tokens only (passes/pack_varlen.py); the call
     is the same, real positions are eager's, padded positions of the results are zeros."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"fuselm.compile takes a torch.nn.Module, got {type(model).__name__}")
+    from .onnx_model import is_onnx_model
+
+    onnx = is_onnx_model(model)
+    if not onnx and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fuselm.compile takes a torch.nn.Module or an ONNX model (a path, bytes or a "
+                        f"ModelProto), got {type(model).__name__}")
     if dynamic not in (None, True, False) and not (isinstance(dynamic, dict) and all(
             isinstance(dims, dict) for dims in dynamic.values())):
         raise TypeError(f"dynamic must be None, True, False or a dict {{parameter: {{dim: symbol}}}}, got {dynamic!r}")
@@ -93,6 +97,13 @@ def compile(model: torch.nn.Module, example_inputs=None, *, target: Union[str, T
     options = CompileOptions(target, dynamic, strict or os.environ.get("FUSELM_STRICT", "") not in ("", "0"),
                              recompile_limit, dump_dir, cache_dir,
                              donate_weights, quantize_config(quantize), pack)
+    if onnx:
+        if example_inputs is not None or dynamic is not None or quantize is not None:
+            raise TypeError("an ONNX model is compiled as its graph is: example_inputs, dynamic and quantize do not "
+                            "apply (its dim_param dims are symbolic)")
+        from .onnx_model import CompiledOnnxModel
+
+        return CompiledOnnxModel(model, options, KernelCache(options.target, options.cache_dir))
     compiled = CompiledModule(model, options)
     if example_inputs is not None:
         compiled.capture(tuple(example_inputs), {})
@@ -256,6 +267,18 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
         passes = target.passes(options.donate_weights, quantize, _packed_weights(options.quantize), options.pack)
         graph = run_passes(graph, passes, dump_dir=options.dump_dir)
     model.train(training)
+    steps, launches, fallbacks, program = generate(graph, options, cache)
+    state = {name: functools.partial(model.get_buffer, buffer) for name, buffer in captured.state.items()}
+    return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target, training, program,
+                         captured.guards, captured.updates, state)
+
+
+def generate(graph: Graph, options: CompileOptions, cache: KernelCache) -> tuple:
+    """(steps, [(group, kernel)], fallbacks, program) of a graph the passes ran on: its
+    weights prepared for the target (in place), partitioned, every kernel from the cache
+    or generated, the kernel dump written, and the native program built where the target
+    has them."""
+    target = options.target
     graph.constants.update(target.prepare_weights(graph.constants))
     steps = partition(graph)
     groups = [step for step in steps if isinstance(step, KernelGroup)]
@@ -269,10 +292,7 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
                 bar.update()
     if options.dump_dir:
         write_kernel_dump(options.dump_dir, graph, launches)
-    program = _program(graph, steps, options, cache)
-    state = {name: functools.partial(model.get_buffer, buffer) for name, buffer in captured.state.items()}
-    return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target, training, program,
-                         captured.guards, captured.updates, state)
+    return steps, launches, fallbacks, _program(graph, steps, options, cache)
 
 
 def _quantization(model: torch.nn.Module, flat: torch.nn.Module, signature: CallSignature, tensors: tuple,

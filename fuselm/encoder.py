@@ -82,6 +82,9 @@ class Encoder:
         `normalize`: L2-normalize (default: as the model's sentence-transformers files
         say). `truncate=False` refuses a text longer than the model takes instead of
         cutting it."""
+        if normalize not in (None, True, False) or truncate not in (True, False):
+            raise TypeError(f"normalize must be None, True or False and truncate True or False, got "
+                            f"normalize={normalize!r}, truncate={truncate!r}")
         single = isinstance(texts, str)
         items = [texts] if single else _texts(texts)
         batch_size = self.batch_size if batch_size is None else batch_size
@@ -106,7 +109,8 @@ class Encoder:
         for i, row in enumerate(ids):
             if len(row) > self.max_length:
                 raise ValueError(f"text {i} is {len(row)} tokens long, and this model takes at most "
-                                 f"{self.max_length}; pass truncate=True to cut it")
+                                 f"{self.max_length}; truncating cuts it (truncate=True; `fuselm embed` "
+                                 "without --no-truncate)")
         return ids
 
     def _embed(self, rows: list) -> torch.Tensor:

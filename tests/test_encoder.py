@@ -5,6 +5,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +94,27 @@ def test_bad_inputs(encoder, hf_minilm, hf_minilm_tokenizer):
     assert F.cosine_similarity(cut, expected).min().item() >= 0.99999
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         encoder.encode(["x"], batch_size=0)
+    with pytest.raises(TypeError, match="normalize must be None, True or False"):
+        encoder.encode(["x"], normalize="no")
+
+
+@pytest.mark.parametrize("file, text, message", [
+    ("modules.json", "{}", "modules.json: a JSON dict, where sentence-transformers writes a list"),
+    ("modules.json", "[1, 2]", "modules.json: not a list of sentence-transformers modules"),
+    ("1_Pooling/config.json", "[]", "config.json: a JSON list, where sentence-transformers writes an object"),
+    ("sentence_bert_config.json", '{"max_seq_length": -5}', "max_seq_length must be a positive int, got -5"),
+    ("sentence_bert_config.json", "{not json", "sentence_bert_config.json: not readable JSON"),
+])
+def test_damaged_sentence_transformers_files_are_named(minilm_dir, tmp_path, file, text, message):
+    """These were AttributeError / OverflowError tracebacks (through `fuselm embed` too)."""
+    import shutil
+
+    from fuselm.models.sentence import SentenceConfig
+
+    copy = Path(shutil.copytree(minilm_dir, tmp_path / "minilm", ignore=shutil.ignore_patterns("*.safetensors")))
+    (copy / file).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        SentenceConfig.read(copy)
 
 
 def test_a_language_model_is_not_an_encoder_and_the_reverse():

@@ -131,7 +131,7 @@ def test_hugging_face_model_output_keeps_its_structure(tmp_path):
 
 
 def test_not_a_module_is_a_type_error():
-    with pytest.raises(TypeError, match="takes a torch.nn.Module, got function"):
+    with pytest.raises(TypeError, match="takes a torch.nn.Module or an ONNX model .*, got function"):
         fuselm.compile(lambda x: x)
     with pytest.raises(TypeError, match="dynamic must be"):
         fuselm.compile(Scaled(), dynamic="yes")

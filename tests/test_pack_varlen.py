@@ -2,6 +2,7 @@
 `compile(pack=True)`, and the graph it leaves alone. Checked against Hugging Face
 transformers at the real positions, for length mixes with length 1, all lengths equal
 and the maximum length."""
+import math
 import sys
 from pathlib import Path
 
@@ -148,3 +149,92 @@ def test_the_dump_shows_pack_and_unpack(tmp_path, kernels):
 def test_pack_must_be_a_bool():
     with pytest.raises(TypeError, match="pack must be True or False"):
         fuselm.compile(torch.nn.Linear(2, 2), pack="yes")
+
+
+# ----------------------------------------------------------------------------- found by probing
+class Encoder(torch.nn.Module):
+    """A hand-written encoder: manual attention with an in-forward mask (`kind`), fused or
+    separate q/k/v, an optional second stage reading other positions (`extra`)."""
+
+    def __init__(self, kind: str = "additive", extra=None, fused: bool = False, hidden: int = 16, heads: int = 2):
+        super().__init__()
+        self.kind, self.extra, self.fused, self.heads = kind, extra, fused, heads
+        self.emb, self.pos = torch.nn.Embedding(50, hidden), torch.nn.Embedding(64, hidden)
+        self.qkv, self.o = torch.nn.Linear(hidden, 3 * hidden), torch.nn.Linear(hidden, hidden)
+        self.conv = torch.nn.Conv1d(hidden, hidden, 3, padding=1)
+
+    def keep(self, mask, length):
+        keys = mask[:, None, None, :].bool()
+        if self.kind == "window":  # a band of 8 around each query
+            i = torch.arange(length)
+            keys = keys & ((i[:, None] - i[None, :]).abs() < 8)[None, None]
+        return keys
+
+    def forward(self, ids, mask, other=None):
+        batch, length = ids.shape
+        x = self.emb(ids) + self.pos(torch.arange(length))[None]
+        q, k, v = self.qkv(x).chunk(3, -1) if self.fused else (self.qkv(x)[..., i::3] for i in range(3))
+        q, k, v = (t.reshape(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        scores = scores + (~self.keep(mask, length)).float() * -10000.0
+        x = x + self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, -1))
+        if other is not None:  # a second attention over the same hidden states with its own mask
+            scores = (x @ x.transpose(-1, -2))[:, None] + (1 - other[:, None, None, :].float()) * -10000.0
+            x = x + (scores.softmax(-1) @ x[:, None])[:, 0]
+        if self.extra == "conv":
+            x = x + self.conv(x.transpose(1, 2)).transpose(1, 2)
+        return x
+
+
+
+def real_close(model, compiled, *args):
+    with torch.no_grad():
+        expected = model(*args)
+    keep = args[1].bool()
+    torch.testing.assert_close(compiled(*args)[keep], expected[keep], atol=1e-4, rtol=1e-4)
+
+
+def probe_batch(lengths, width):
+    ids = torch.randint(1, 50, (len(lengths), width), generator=torch.Generator().manual_seed(3))
+    return ids, (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def test_a_window_wider_than_a_short_sample_is_not_taken_for_padding():
+    """A band of 8 looked like plain padding on 7-token samples (symbolic S): wrong rows."""
+    model = Encoder("window").eval()
+    compiled = fuselm.compile(model, target="cpu", pack=True, dynamic=True)
+    real_close(model, compiled, *probe_batch([20, 15], 20))
+    assert not any(node.op == "varlen_attention" for node in compiled.graph.nodes)
+
+
+def test_a_second_mask_or_a_reader_of_other_positions_keeps_the_graph_padded():
+    """A second [B, S] mask input was packed by the first mask; a convolution over the
+    sequence read the zeros packing leaves at padding: both changed real positions."""
+    ids, mask = probe_batch([9, 5, 2], 9)
+    other = (torch.arange(9)[None, :] < torch.tensor([3, 9, 7])[:, None]).long()
+    two = Encoder().eval()
+    real_close(two, fuselm.compile(two, target="cpu", pack=True), ids, mask, other)
+    conv = Encoder(extra="conv").eval()
+    compiled = fuselm.compile(conv, target="cpu", pack=True)
+    real_close(conv, compiled, ids, mask)
+    assert counters["pack_varlen.refused"] >= 1
+
+
+def test_fused_qkv_chunks_pack_and_packed_ids_are_bounds_checked():
+    model = Encoder(fused=True).eval()
+    compiled = fuselm.compile(model, target="cpu", pack=True, dynamic=True)
+    ids, mask = probe_batch([6, 2], 6)
+    real_close(model, compiled, ids, mask)
+    assert any(node.op == "varlen_attention" for node in compiled.graph.nodes)
+    ids[0, 1] = 50  # packed ids reach the embedding through `pack`: still checked
+    with pytest.raises(IndexError, match="ids holds 50, and embedding"):
+        compiled(ids, mask)
+
+
+def test_equal_static_batch_and_length_are_not_packed():
+    """[B, S] and [S, S] values look alike when B == S (both static)."""
+    model = Encoder().eval()
+    ids, mask = probe_batch([4, 2, 3, 1], 4)
+    compiled = fuselm.compile(model, (ids, mask), target="cpu", pack=True)
+    real_close(model, compiled, ids, mask)
+    assert not any(node.op == "varlen_attention" for node in compiled.graph.nodes)

@@ -48,6 +48,7 @@ from .base import counters
 ROW_OPS = {"gemm": 0, "qgemm": 0, "layer_norm": 0, "rms_norm": 0, "embedding": 1, "qembedding": 0}
 DIM_OPS = {"softmax", "log_softmax"}  # over attr `dim`, packable when it is a trailing dim
 MASK_SAMPLES = 3  # random masks each candidate must pass
+SAMPLE_LENGTHS = (7, 37, 131)  # the lengths they have when S is symbolic
 DROPPED = -1e4  # an additive mask at or below this drops the key
 
 
@@ -57,7 +58,20 @@ def pack_varlen(graph: Graph) -> Graph:
     if found is None:
         return graph
     mask_input, attentions = found
-    return _Packer(graph, mask_input, attentions).run()
+    batch, length = mask_input.type.shape
+    if isinstance(batch, int) and batch == length:
+        return graph  # [B, S] and [S, S] values would look alike: packing one of the latter would be wrong
+    try:
+        return _Packer(graph, mask_input, attentions).run()
+    except _Unsafe as reason:
+        counters["pack_varlen.refused"] += 1
+        counters[f"pack_varlen.refused.{reason}"] += 1
+        return graph
+
+
+class _Unsafe(Exception):
+    """A reader whose result at real positions would see the zeros packing leaves at padded
+    positions where eager has values: the graph stays padded."""
 
 
 # ----------------------------------------------------------------------------- 1. the mask
@@ -98,7 +112,8 @@ def _same_symbols(graph: Graph) -> Graph:
         if len(read) != 1 or next(iter(read)).type.rank != 2:
             continue
         mask = next(iter(read))
-        mapping = {dim: size for dim, size in zip(mask.type.shape, (q.type.shape[0], q.type.shape[2]))
+        k = node.inputs[1]  # the mask's dims are the batch and the keys
+        mapping = {dim: size for dim, size in zip(mask.type.shape, (q.type.shape[0], k.type.shape[2]))
                    if isinstance(dim, sympy.Symbol) and isinstance(size, sympy.Symbol) and dim != size}
         if mapping:
             counters["pack_varlen.same_symbols"] += 1
@@ -115,10 +130,14 @@ def _mask_semantics(graph: Graph, mask: Value, candidates: list):
     source = next(iter(read))
     sub = Graph([source], nodes, [mask], {n: t for n, t in graph.constants.items()
                                          if any(isinstance(v, Constant) and v.name == n for x in nodes for v in x.inputs)})
-    batch, length = (d if isinstance(d, int) else s for d, s in zip(source.type.shape, (3, 7)))
+    batch = source.type.shape[0] if isinstance(source.type.shape[0], int) else 3
+    static = isinstance(source.type.shape[1], int)
     generator = torch.Generator().manual_seed(0)
     verdicts = set()
     for sample in range(MASK_SAMPLES):
+        # a symbolic S is tried at several lengths: a window or band wider than one of them
+        # shows at the next (a 7-token sample cannot tell a sliding window of 8 from padding)
+        length = source.type.shape[1] if static else SAMPLE_LENGTHS[sample % len(SAMPLE_LENGTHS)]
         keep = torch.rand(batch, length, generator=generator) < 0.7
         keep[0] = True  # a full row, a right-padded one, a left-padded one
         if batch > 1:
@@ -198,15 +217,17 @@ class _Packer:
         self.cu_seqlens = self.builder.input(f"{name}__{CU_SEQLENS}", TensorType((self.batch + 1,), "i32"))
         self.env: dict = {}  # padded value -> its value in the new graph (padded form)
         self.packed: dict = {}  # padded value -> _Packed
+        self.unpacked: set = set()  # packed values whose padded form is an unpack (zeros at padding)
 
     def run(self) -> Graph:
-        for value in self.graph.inputs:
-            if value is not self.mask and self._leading(value.type):
+        for value in self.graph.inputs:  # token, type and position ids (a float input may be another
+            if value is not self.mask and self._leading(value.type) and not value.type.is_float:  # sequence)
                 self.packed[value] = _Packed(self._pack(value), tuple(range(value.type.rank)))
         for node in self.graph.nodes:
             if any(v in self.packed for v in node.inputs) and self._rewrite(node):
                 continue
             inputs = tuple(self._padded(v) for v in node.inputs)
+            self._check_reader(node)
             self.env[node] = self.builder.add(Node(node.op, inputs, node.attrs, node.type, node.source))
         outputs = [self._padded(v) for v in self.graph.outputs]
         return self.builder.build(outputs).without_unused_constants()
@@ -224,11 +245,37 @@ class _Packer:
         counters["pack_varlen.pack"] += 1
         return self.builder.op("pack", padded, self.tokens, source=source)
 
+    def _check_reader(self, node: Node) -> None:
+        """_Unsafe for a node that mixes positions along S reading a packed value: only
+        reductions (pooling; with a masked value it sees zeros where eager does) and the
+        queries of an attention (a real query's row reads its keys, not other queries)
+        may; keys and values, matmuls, scans, concatenations and fallbacks may not."""
+        packed = [i for i, v in enumerate(node.inputs) if v in self.unpacked]
+        if not packed or node.op in ("sum", "mean", "amax", "amin"):
+            return
+        if node.op == "attention" and packed == [0]:
+            return
+        if get_op(node.op).pointwise or get_op(node.op).view:
+            return  # same positions in, same positions out (a view keeping (B, S) is packed already)
+        rank = node.inputs[packed[0]].type.rank
+        if node.op == "embedding" or (node.op in ROW_OPS and rank >= 3):
+            return  # each row (id) on its own
+        if node.op in DIM_OPS and node.attrs["dim"] % rank >= 2:
+            return
+        raise _Unsafe(node.op)
+
     def _padded(self, value: Value) -> Value:
-        """The padded form of a value (unpacked, and permuted, where it is packed)."""
+        """The padded form of a value (unpacked, and permuted, where it is packed); a graph
+        input is its own padded form (its values at padding are the caller's)."""
+        if isinstance(value, Input):
+            return value
         if value not in self.packed:
             return self._new(value)
+        if value not in self.env and self._recomputable(value):  # e.g. ids != pad: eager's values at padding
+            inputs = tuple(self._padded(v) for v in value.inputs)
+            self.env[value] = self.builder.add(Node(value.op, inputs, value.attrs, value.type, value.source))
         if value not in self.env:
+            self.unpacked.add(value)
             form = self.packed[value]
             counters["pack_varlen.unpack"] += 1
             padded = self.builder.op("unpack", form.rows, self.positions)
@@ -236,6 +283,16 @@ class _Packer:
                 padded = self.builder.op("permute", padded, dims=form.perm)
             self.env[value] = padded
         return self.env[value]
+
+    def _recomputable(self, value: Value) -> bool:
+        """Whether a value's padded form can be computed again from the graph inputs by
+        pointwise ops and views alone (cheap, and exactly eager's at padded positions)."""
+        if not isinstance(value, Node):
+            return True
+        if value not in self.packed:
+            return True
+        definition = get_op(value.op)
+        return (definition.pointwise or definition.view) and all(self._recomputable(v) for v in value.inputs)
 
     def _rows(self, value: Value, rank: int, source: Optional[str]) -> Value:
         """`value` as an operand of a packed op of output rank `rank`: its rows if packed,
@@ -276,6 +333,8 @@ class _Packer:
         elif node.op in ROW_OPS and rank >= 3 and self._packed_only_at(node, ROW_OPS[node.op]):
             rows = [self.packed[v].rows if v in self.packed else self._new(v) for v in node.inputs]
         elif node.op in DIM_OPS and node.attrs["dim"] % rank >= 2:
+            return self._packed_node(node, [packed[0].rows], dim=node.attrs["dim"] % rank - 1)
+        elif node.op == "slice" and node.attrs["dim"] % rank >= 2:
             return self._packed_node(node, [packed[0].rows], dim=node.attrs["dim"] % rank - 1)
         elif node.op == "reshape":
             rows = packed[0].rows

@@ -20,7 +20,7 @@ from ..ir.interpreter import bind_symbols
 from ..ir.registry import get_op
 from ..ir.types import evaluate_dim
 
-PASS_THROUGH = {"cast"}  # besides views: ops that keep each index's value
+PASS_THROUGH = {"cast", "pack"}  # besides views: ops whose values are some of their first input's
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class IndexCheck:
     bound: object  # a Dim: valid indices are low <= i < bound
     reader: str  # the op (and the model line) that indexes with it
     low: bool = True  # False: any negative is allowed (a padding slot the op skips)
+    wraps: bool = False  # the graph adds `bound` to a negative index first (x[i] in Python): -bound <= i
+    offset: int = 0  # the graph indexes with input + offset (ids + 1)
 
 
 class IndexBounds:
@@ -39,11 +41,11 @@ class IndexBounds:
         for node in graph.nodes:
             found = _index_operand(node)
             for index, bound, low in found:
-                source = _through_views(index)
+                source, wraps, offset = _through_views(index)
                 if isinstance(source, Input):
                     where = f"{node.op} at {node.source}" if node.source else node.op
-                    check = IndexCheck(position[source], bound, where, low)
-                    checks.setdefault((position[source], str(bound), low), check)
+                    check = IndexCheck(position[source], bound, where, low, wraps, offset)
+                    checks.setdefault((position[source], str(bound), low, wraps, offset), check)
         self.checks = list(checks.values())
 
     def check(self, tensors: tuple) -> None:
@@ -60,11 +62,13 @@ class IndexBounds:
             else:
                 sizes = sizes if sizes is not None else bind_symbols(self.inputs, tensors)
                 bound = evaluate_dim(check.bound, sizes)
-            low, high = (int(v) for v in torch.aminmax(tensor))
-            if (check.low and low < 0) or high >= bound:
-                bad = low if check.low and low < 0 else high
-                allowed = f"0..{bound - 1}" if check.low else f"at most {bound - 1} (negative: skipped)"
-                raise IndexError(f"index out of range: {self.inputs[check.input_index].name} holds {bad}, and "
+            low, high = (int(v) + check.offset for v in torch.aminmax(tensor))
+            least = -bound if check.wraps else 0
+            if (check.low and low < least) or high >= bound:
+                bad = low if check.low and low < least else high
+                allowed = f"{least}..{bound - 1}" if check.low else f"at most {bound - 1} (negative: skipped)"
+                holds = f"{bad - check.offset} (+ {check.offset})" if check.offset else str(bad)
+                raise IndexError(f"index out of range: {self.inputs[check.input_index].name} holds {holds}, and "
                                  f"{check.reader} takes {allowed}")
 
 
@@ -88,7 +92,33 @@ def _index_operand(node: Node) -> list:
     return []
 
 
-def _through_views(value):
-    while isinstance(value, Node) and (get_op(value.op).view or value.op in PASS_THROUGH):
-        value = value.inputs[0]
-    return value
+def _through_views(value) -> tuple:
+    """(the value an index comes from through views, casts, packing, Python's
+    negative-index wrap `where(i < 0, i + n, i)` and an added or subtracted int, whether
+    it went through that wrap, the int added)."""
+    wraps, offset = False, 0
+    while isinstance(value, Node):
+        scalar = value.attrs.get("scalar")
+        if get_op(value.op).view or value.op in PASS_THROUGH:
+            value = value.inputs[0]
+        elif not wraps and _negative_wrap(value) is not None:
+            value, wraps = _negative_wrap(value), True
+        elif (not wraps and value.op in ("add", "sub") and len(value.inputs) == 1 and isinstance(scalar, int)
+              and not isinstance(scalar, bool) and not value.attrs.get("reverse", False)):
+            value, offset = value.inputs[0], offset + (scalar if value.op == "add" else -scalar)
+        else:
+            break
+    return value, wraps, offset
+
+
+def _negative_wrap(node: Node):
+    """i when node is where(lt(i, 0), add(i, n), i), else None."""
+    if node.op != "where" or len(node.inputs) != 3:
+        return None
+    condition, added, index = node.inputs
+    if not (isinstance(condition, Node) and condition.op == "lt" and condition.inputs == (index,)
+            and condition.attrs.get("scalar") == 0):
+        return None
+    if not (isinstance(added, Node) and added.op == "add" and added.inputs == (index,) and "scalar" in added.attrs):
+        return None
+    return index

@@ -104,14 +104,29 @@ def promoted_dtype(node) -> str:
 
 
 # ----------------------------------------------------------------------------- elementwise
+# x ** scalar as torch's cpu kernels compute these exponents (exact products, sqrt, division)
+_POW_BY = {
+    0.0: lambda a: const(1.0, a),
+    1.0: lambda a: a,
+    2.0: lambda a: a * a,
+    3.0: lambda a: a * a * a,
+    0.5: tirx.sqrt,
+    -0.5: lambda a: const(1.0, a) / tirx.sqrt(a),
+    -1.0: lambda a: const(1.0, a) / a,
+    -2.0: lambda a: const(1.0, a) / (a * a),
+}
+
+
 def _pow(a, b):
+    """Floats: torch's forms of the common scalar exponents, else fastmath's pow (in fp32
+    for fp16 / bf16; libm's for fp64); integers by squaring."""
     if not dtype_of(a).startswith(("float", "bfloat")):
         return _int_pow(a, b)
-    if isinstance(b, tirx.FloatImm) and b.value == 2.0:
-        return a * a
-    if isinstance(b, tirx.FloatImm) and b.value == 0.5:
-        return tirx.sqrt(a)
-    return tirx.power(a, b)
+    if isinstance(b, tirx.FloatImm) and b.value in _POW_BY:
+        return _POW_BY[b.value](a)
+    if dtype_of(a) in _NARROW:
+        return fastmath.pow(cast(a, "float32"), cast(b, "float32")).astype(dtype_of(a))
+    return fastmath.pow(a, b)
 
 
 _POW_BITS = 6  # exponent bits squared through (TVM inlines lets: the tree doubles per bit)
@@ -246,14 +261,24 @@ def _floor_divide(a, b, fmod, bind):
 _MODULO = {"remainder": _remainder, "floor_divide": _floor_divide}
 
 
+def _nan_max(a, b):
+    """max(a, b), NaN if either is NaN (as torch.maximum; tirx.max drops a NaN a): LLVM's
+    `maximum` (IEEE 754-2019), a few vector instructions, where TVM vectorizes no isnan."""
+    return tirx.call_llvm_pure_intrin(dtype_of(a), "llvm.maximum", a, b) if _is_float(a) else tirx.max(a, b)
+
+
+def _nan_min(a, b):
+    return tirx.call_llvm_pure_intrin(dtype_of(a), "llvm.minimum", a, b) if _is_float(a) else tirx.min(a, b)
+
+
 _BINARY = {
     "add": lambda a, b: a + b,
     "sub": lambda a, b: a - b,
     "mul": lambda a, b: a * b,
     "div": lambda a, b: true_divide(a, b),
     "pow": _pow,
-    "maximum": tirx.max,
-    "minimum": tirx.min,
+    "maximum": lambda a, b: _nan_max(a, b),
+    "minimum": lambda a, b: _nan_min(a, b),
     "eq": lambda a, b: a == b,
     "ne": lambda a, b: _not_equal(a, b),
     "lt": lambda a, b: a < b,
@@ -321,23 +346,23 @@ _UNARY = {
     "neg": lambda a: -a,
     "abs": tirx.abs,
     "exp": fastmath.exp,
-    "log": tirx.log,
+    "log": fastmath.log,
     "sqrt": tirx.sqrt,
     "rsqrt": lambda a: const(1.0, a) / tirx.sqrt(a),  # vectorizes (tirx.rsqrt is a scalar call)
     "reciprocal": lambda a: const(1.0, a) / a,
-    "sin": tirx.sin,
-    "cos": tirx.cos,
-    "tanh": tirx.tanh,
+    "sin": fastmath.sin,
+    "cos": fastmath.cos,
+    "tanh": fastmath.tanh,
     "erf": fastmath.erf,
     "sigmoid": fastmath.sigmoid,
-    "relu": lambda a: tirx.max(a, const(0, a)),
+    "relu": lambda a: tirx.Select(a < const(0, a), const(0, a), a),  # NaN stays (one maxps)
     "silu": fastmath.silu,
     "copy": lambda a: a,
     "sign": lambda a: tirx.Select(a > const(0, a), const(1, a),
                                   tirx.Select(a < const(0, a), const(-1, a), const(0, a))),
-    "log1p": tirx.log1p,
-    "tan": tirx.tan,
-    "atan": tirx.atan,
+    "log1p": fastmath.log1p,
+    "tan": fastmath.tan,
+    "atan": fastmath.atan,
     "expm1": lambda a: _expm1(a),
 }
 
@@ -357,25 +382,38 @@ def _expm1(x):
     return fastmath.let(x, value, "x")
 
 
-def _round_half_even(x):
-    """torch.round: to the nearest integer, ties to even: LLVM's roundeven, which
-    vectorizes (TVM's nearbyint is a libm call per element)."""
-    return tirx.call_llvm_pure_intrin(dtype_of(x), "llvm.roundeven", x)
-
-
-_ROUNDING = {"floor": tirx.floor, "ceil": tirx.ceil, "round": _round_half_even, "trunc": tirx.trunc}
-_IN_F32 = ("log1p", "tan", "atan", "expm1")  # libm forms: fp16 / bf16 go through fp32
+_ROUNDING = {"floor": tirx.floor, "ceil": tirx.ceil, "round": fastmath.round_even, "trunc": tirx.trunc}
+# fastmath's fp32 forms and libm's: fp16 / bf16 go through fp32 (as torch's cpu kernels)
+_IN_F32 = ("log", "sin", "cos", "tanh", "log1p", "tan", "atan", "expm1")
 
 
 @lowers(*_UNARY, *_ROUNDING)
 def _unary(ctx: Lowering, node, args):
     dtype = tir_dtype(node.type.dtype)
     fn = _UNARY.get(node.op) or (_ROUNDING[node.op] if dtype.startswith(("float", "bfloat")) else (lambda a: a))
-    if node.op in _IN_F32 and dtype in _NARROW:
-        return ctx.compute(node, lambda *i: fn(cast(args[0](*i), "float32")))
+    work = "float32" if node.op in _IN_F32 and dtype in _NARROW else dtype
     if node.op == "sign" and dtype == "bool":
         fn = _UNARY["copy"]
-    return ctx.compute(node, lambda *i: fn(cast(args[0](*i), dtype)))
+    if node.op in _TRIG and work == "float32":
+        return _trig(ctx, node, lambda *i: cast(args[0](*i), work))
+    return ctx.compute(node, lambda *i: fn(cast(args[0](*i), work)))
+
+
+_TRIG = ("sin", "cos", "tan")
+
+
+def _trig(ctx: Lowering, node, read):
+    """sin / cos / tan of fp32: fastmath's reduction is exact below TRIG_MAX, libm's beyond,
+    only in rows (the last dim) that hold such an |x|: a flag per row, reduced in a vectorized
+    pass over the row, so that rows without one never call libm (see fastmath._trig)."""
+    fn, shape = _UNARY[node.op], ctx.shape(node.type)
+    if not shape:
+        return ctx.compute(node, lambda: fn(read()))
+    k = te.reduce_axis((0, shape[-1]), name="k")
+    limit = tirx.const(fastmath.TRIG_MAX, "float32")
+    beyond = te.compute(shape[:-1], lambda *i: te.max((tirx.abs(read(*i, k)) > limit).astype("int8"), axis=k),
+                        name=ctx.name(f"{node.op}_beyond"))
+    return ctx.compute(node, lambda *i: fn(read(*i), beyond(*i[:-1]) != tirx.const(0, "int8")))
 
 
 @lowers("isnan", "isinf")
@@ -449,12 +487,17 @@ def accumulator(dtype: str) -> str:
     return "float32" if dtype in _NARROW else dtype
 
 
-def _reduce_over(ctx: Lowering, node, dims: list, read, reducer, dtype: str, name: str) -> te.Tensor:
+def _reduce_over(ctx: Lowering, node, dims: list, read, reducer, dtype: str, name: str,
+                 by_rows: bool = False) -> te.Tensor:
     """reducer over `dims` of the node's input, `read(index)` giving each element in
-    `dtype`; shaped as the node's output (keepdim as its attrs say)."""
+    `dtype`; shaped as the node's output (keepdim as its attrs say). `by_rows`: an outer
+    dim's reduction gets a unit reduce axis innermost, which keeps the generic schedule's
+    lane split (a gather of a column per lane) off it, so `_read_rows` applies."""
     x_type, keepdim = node.inputs[0].type, node.attrs.get("keepdim", False)
     axes = [te.reduce_axis((0, ctx.dims(x_type.shape[d])), name=f"r{d}") for d in dims]
     at, over = list(axes), list(axes)  # the index of each reduced dim, the reduction's axes
+    if by_rows and len(dims) == 1 and dims[0] != x_type.rank - 1:
+        over.append(te.reduce_axis((0, 1), name="unit"))
     lanes, last = vector_lanes(), x_type.shape[dims[-1]] if dims else None
     if all(isinstance(d, int) and d == 1 for d in node.type.shape) and isinstance(last, int) and last % lanes == 0:
         # to one value: TVM's rfactor (the generic schedule's lane split) fails on such a
@@ -508,9 +551,9 @@ def _read_rows(ctx: Lowering, name: str) -> None:
                 if was_parallel:
                     sch.parallel(outer)
             sch.reorder(*inner_loops, spatial)
+            sch.vectorize(spatial)  # before the init is split off: the update alone is no reduction block
             init = sch.decompose_reduction(block, inner_loops[0])
             sch.vectorize(sch.get_loops(init)[-1])
-            sch.vectorize(spatial)
         except ScheduleError:
             pass  # each step keeps the nest correct: what applied stays
 
@@ -521,7 +564,45 @@ def _static(extent, above: int = 0) -> bool:
     return isinstance(extent, tirx.IntImm) and extent.value > above
 
 
-@lowers(*_REDUCERS)
+def _order_key(x, nan_first: bool):
+    """A float as a signed integer of its width that orders as the float does (-0 just
+    below +0; negative floats have their magnitude bits flipped), NaN above all (below
+    all with `nan_first`): te.max / te.min of keys keep a NaN (as torch.amax / amin), start
+    from below -inf (te's float identity is the lowest finite value) and still vectorize
+    and rfactor (a NaN-keeping float reducer is none of TVM's)."""
+    bits = tirx.reinterpret(dtype_of(x).replace("float", "int"), x)
+    width = int(dtype_of(bits)[3:])
+    magnitude, top = const((1 << (width - 1)) - 1, bits), tirx.max_value(dtype_of(bits))
+    key = tirx.bitwise_xor(bits, tirx.bitwise_and(tirx.shift_right(bits, const(width - 1, bits)), magnitude))
+    nan = tirx.bitwise_and(bits, magnitude) > tirx.reinterpret(dtype_of(bits), const(math.inf, x))
+    return tirx.Select(nan, tirx.min_value(dtype_of(bits)) if nan_first else top, key)
+
+
+def _from_order_key(key, dtype: str):
+    """The float of an `_order_key` (flipping is its own inverse; the NaN keys are NaNs)."""
+    magnitude = const((1 << (int(dtype[5:]) - 1)) - 1, key)
+    return tirx.reinterpret(dtype, tirx.Select(key < const(0, key), tirx.bitwise_xor(key, magnitude), key))
+
+
+@lowers("amax", "amin")
+def _extremum(ctx: Lowering, node, args):
+    """amax / amin; of floats by their `_order_key`s (fp16 / bf16 in fp32)."""
+    dtype, dims = tir_dtype(node.type.dtype), _reduced_dims(node)
+    reducer, name = _REDUCERS[node.op], ctx.name(node.op)
+    if not node.type.is_float:
+        return _off_the_output(_reduce_over(ctx, node, dims, lambda i: args[0](*i), reducer, dtype, name), dims,
+                               dtype, f"{name}_{node.op}")
+    work = accumulator(dtype)
+    keys = work.replace("float", "int")
+
+    def key(index):
+        return _order_key(cast(args[0](*index), work), node.op == "amin")
+
+    total = _reduce_over(ctx, node, dims, key, reducer, keys, name, by_rows=True)
+    return te.compute(total.shape, lambda *i: cast(_from_order_key(total(*i), work), dtype), name=f"{name}_{node.op}")
+
+
+@lowers("sum", "mean")
 def _reduce(ctx: Lowering, node, args):
     dtype, dims = tir_dtype(node.type.dtype), _reduced_dims(node)
     work = accumulator(dtype) if node.op in ("sum", "mean") else dtype
@@ -594,7 +675,9 @@ def _argmax(ctx: Lowering, node, args):
 
 @lowers("softmax", "log_softmax")
 def _softmax(ctx: Lowering, node, args):
-    """In fp32 for fp16 / bf16 (as torch's cpu kernel; fp16 vectors also build slowly)."""
+    """In fp32 for fp16 / bf16 (as torch's cpu kernel; fp16 vectors also build slowly). The
+    row max (te.max) drops a NaN, but exp(NaN - max) is NaN, so the row's sum, so the whole
+    row (as torch): a NaN-keeping max would cost a vector max its single instruction."""
     x_type, out_dtype = node.inputs[0].type, tir_dtype(node.type.dtype)
     dtype = accumulator(out_dtype)
     dim = node.attrs["dim"] % x_type.rank
