@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 
 from .frontend.signature import TENSOR, CallSignature, OutputRecord
 from .passes import run_passes
-from .runtime.compiled_graph import CompiledGraph
+from .runtime.compiled_graph import CompiledGraph, DescribesCompiledGraph
 
 
 def is_onnx_model(model) -> bool:
@@ -31,7 +31,7 @@ def is_onnx_model(model) -> bool:
     return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
 
 
-class CompiledOnnxModel:
+class CompiledOnnxModel(DescribesCompiledGraph):
     """An ONNX model compiled for a target: called with its inputs by position or by name
     (torch tensors or numpy arrays), it returns a tuple of torch tensors, one per graph
     output. `.graph`, `.kernels`, `.fallbacks` as `fuselm.compile`'s result."""
@@ -72,22 +72,6 @@ class CompiledOnnxModel:
             raise TypeError(f"the ONNX model: {error}") from None
         with torch.no_grad(), self.target.running():
             return tuple(self._compiled.run(tensors))
-
-    @property
-    def graph(self):
-        return self._compiled.graph
-
-    @property
-    def kernels(self) -> list:
-        return self._compiled.kernels
-
-    @property
-    def fallbacks(self) -> dict:
-        return dict(self._compiled.fallbacks)
-
-    @property
-    def steps(self) -> list:
-        return self._compiled.steps
 
 
 def _tensor(name: str, value, device) -> torch.Tensor:

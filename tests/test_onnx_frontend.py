@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import fuselm.ir as ir  # noqa: E402
 from fuselm.errors import FuselmError, UnsupportedOpError  # noqa: E402
+from tiny_models import LastHidden  # noqa: E402
 from fuselm.frontend.onnx import (  # noqa: E402
     MIN_OPSET, ONNX_DTYPES, ONNX_TABLE, STATIC_INPUTS, _to_torch, import_onnx,
 )
@@ -240,15 +241,6 @@ def _export(module, ids, mask) -> bytes:
                                         "attention_mask": {0: "batch", 1: "sequence"},
                                         "last_hidden_state": {0: "batch", 1: "sequence"}})
     return f.getvalue()
-
-
-class LastHidden(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def _tiny(kind):

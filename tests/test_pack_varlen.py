@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fuselm
+from tiny_models import LastHidden
 from fuselm.frontend.capture import capture
 from fuselm.ir import interpret
 from fuselm.passes import counters, pipeline, run_passes
@@ -22,17 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 from benchmarks.zoo import ARCHS, TINY, build  # noqa: E402
 
 MAX_LENGTH = TINY.positions  # the longest sequence the tiny configs take
-
-
-class LastHidden(torch.nn.Module):
-    """A Hugging Face encoder called as users do, returning last_hidden_state."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def batch(lengths, vocab: int, seed: int = 0, left: bool = False):
@@ -184,7 +174,6 @@ class Encoder(torch.nn.Module):
         if self.extra == "conv":
             x = x + self.conv(x.transpose(1, 2)).transpose(1, 2)
         return x
-
 
 
 def real_close(model, compiled, *args):

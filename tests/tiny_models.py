@@ -41,3 +41,14 @@ def gemm_group(k: int, n: int, steps: tuple, dtype: str = "f32", lead: tuple = (
         elif step == "residual":
             extras.append(b.input(f"residual{len(extras)}", TensorType((*lead, width), dtype)))
     return b.build([b.op("gemm", x, w, *extras, epilogue=tuple(steps), **(attrs or {}))])
+
+
+class LastHidden(torch.nn.Module):
+    """A Hugging Face encoder called as users do: (input_ids, attention_mask) -> last_hidden_state."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

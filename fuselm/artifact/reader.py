@@ -29,7 +29,7 @@ from ..frontend.signature import CallSignature
 from ..ir.interpreter import bind_symbols
 from ..ir.text import IRParseError, parse
 from ..passes.partition import KernelGroup, partition
-from ..runtime.compiled_graph import CompiledGraph
+from ..runtime.compiled_graph import CompiledGraph, DescribesCompiledGraph
 from ..target import Target, get_target
 from .codec import decode_output, decode_signature
 from .format import GRAPH, KERNELS, TOKENIZER, WEIGHTS, rebuild_command
@@ -102,7 +102,7 @@ def _load_kernels(directory: Path, manifest: dict, target: Target, steps: list, 
     return launches
 
 
-class Artifact:
+class Artifact(DescribesCompiledGraph):
     """A loaded artifact, called like the model it was built from: `artifact(*args,
     **kwargs)` returns what the model's forward returns. `.graph`, `.kernels`,
     `.fallbacks` and `.steps` as `fuselm.compile`'s result; `.config`, `.tokenizer`,
@@ -146,23 +146,6 @@ class Artifact:
 
     def _inputs(self) -> str:
         return ", ".join(f"{value.name}: {value.type}" for value in self._compiled.graph.inputs)
-
-    # -- as fuselm.compile's result
-    @property
-    def graph(self):
-        return self._compiled.graph
-
-    @property
-    def steps(self) -> list:
-        return self._compiled.steps
-
-    @property
-    def kernels(self) -> list:
-        return self._compiled.kernels
-
-    @property
-    def fallbacks(self) -> dict:
-        return dict(self._compiled.fallbacks)
 
     # -- for serving
     @functools.cached_property

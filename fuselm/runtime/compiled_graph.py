@@ -105,6 +105,28 @@ class CompiledGraph:
         return infos
 
 
+class DescribesCompiledGraph:
+    """`.graph`, `.steps`, `.kernels` and `.fallbacks` of the CompiledGraph in `_compiled`,
+    as `fuselm.compile`'s result has them (for an artifact, an ONNX model)."""
+    _compiled: CompiledGraph
+
+    @property
+    def graph(self):
+        return self._compiled.graph
+
+    @property
+    def steps(self) -> list:
+        return self._compiled.steps
+
+    @property
+    def kernels(self) -> list:
+        return self._compiled.kernels
+
+    @property
+    def fallbacks(self) -> dict:
+        return dict(self._compiled.fallbacks)
+
+
 def _updated_input(value) -> Input:
     """The graph input an in-place update's final value belongs to."""
     while isinstance(value, Node) and get_op(value.op).aliases_input is not None:
