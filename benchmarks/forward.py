@@ -130,7 +130,8 @@ def minilm_batch(vocab_size: int, count: int = 64):
     return ids, mask, sum(lengths) / ids.numel()
 
 
-def onnx_session(hf_model, ids, mask, provider: str = "CPUExecutionProvider", threads: int = 2):
+def onnx_session(hf_model, ids, mask, provider: str = "CPUExecutionProvider", threads: int = 2,
+                 spinning: bool = True):
     import onnxruntime
 
     class Wrapper(torch.nn.Module):
@@ -148,6 +149,8 @@ def onnx_session(hf_model, ids, mask, provider: str = "CPUExecutionProvider", th
                                     "last_hidden_state": {0: "b", 1: "s"}})
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
+    if not spinning:  # its idle workers spin after a run and slow whatever runs next on the same cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=[provider])
 
 
