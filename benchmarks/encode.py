@@ -70,7 +70,7 @@ def main() -> None:
     ids, mask, real = minilm_batch(encoder.config.vocab_size)
     # exported from its own instance: torch.onnx.export's tracing leaves the exported module
     # computing other values afterwards (measured: cosine 0.3 against its own earlier output)
-    session = onnx_session(BertModel.from_pretrained(path).eval(), ids, mask, threads=args.threads, spinning=False)
+    session, _ = onnx_session(BertModel.from_pretrained(path).eval(), ids, mask, threads=args.threads, spinning=False)
 
     def hf_forward(model):
         def run(input_ids, attention_mask):

@@ -132,6 +132,9 @@ def minilm_batch(vocab_size: int, count: int = 64):
 
 def onnx_session(hf_model, ids, mask, provider: str = "CPUExecutionProvider", threads: int = 2,
                  spinning: bool = True):
+    """ONNX Runtime's session of `hf_model` exported (legacy exporter, opset 17); also the
+    exported file's path. Export an instance nothing else times: exporting leaves the
+    module computing other values (found in benchmarks/encode.py)."""
     import onnxruntime
 
     class Wrapper(torch.nn.Module):
@@ -143,7 +146,8 @@ def onnx_session(hf_model, ids, mask, provider: str = "CPUExecutionProvider", th
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     path = Path(tempfile.mkdtemp()) / "minilm.onnx"
-    torch.onnx.export(Wrapper(hf_model), (ids, mask), str(path), dynamo=False, input_names=["input_ids", "attention_mask"],
+    torch.onnx.export(Wrapper(hf_model), (ids, mask), str(path), dynamo=False, opset_version=17,
+                      input_names=["input_ids", "attention_mask"],
                       output_names=["last_hidden_state"],
                       dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"},
                                     "last_hidden_state": {0: "b", 1: "s"}})
@@ -151,7 +155,7 @@ def onnx_session(hf_model, ids, mask, provider: str = "CPUExecutionProvider", th
     options.intra_op_num_threads = threads
     if not spinning:  # its idle workers spin after a run and slow whatever runs next on the same cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(str(path), options, providers=[provider])
+    return onnxruntime.InferenceSession(str(path), options, providers=[provider]), path
 
 
 def bench_minilm(runs: int) -> None:
@@ -163,7 +167,8 @@ def bench_minilm(runs: int) -> None:
     example, dynamic = capture_example(loaded.config)
     compiled = fuselm.compile(loaded.model, example, target="cpu", dynamic=dynamic)
     hf_compiled = torch.compile(hf)
-    session = onnx_session(hf, ids, mask)
+    session, onnx_path = onnx_session(BertModel.from_pretrained(str(fetch("minilm-l6"))).eval(), ids, mask)
+    from_onnx = fuselm.compile(str(onnx_path), target="cpu")  # the same file ONNX Runtime runs
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
 
     def run_hf(model=hf):
@@ -175,7 +180,9 @@ def bench_minilm(runs: int) -> None:
         ("torch.compile, padded", median_ms(lambda: run_hf(hf_compiled), warmup=3, runs=runs)),
         ("ONNX Runtime, padded, 2 threads", median_ms(lambda: session.run(None, feeds), runs=runs)),
         ("fuselm cpu, padded", median_ms(lambda: compiled(ids, mask), runs=runs)),
+        ("fuselm cpu from the ONNX file, padded", median_ms(lambda: from_onnx(ids, mask), runs=runs)),
     ]
+    print_diff("fuselm from ONNX vs ONNX Runtime", from_onnx(ids, mask)[0], torch.from_numpy(session.run(None, feeds)[0]))
     print_table(f"all-MiniLM-L6-v2, 64 sequences, lengths 8..128 ({real:.0%} real tokens), fp32", rows)
 
 
@@ -422,7 +429,7 @@ def onnx_cuda_session(hf_model, ids, mask):
         print(f"  ONNX Runtime: no CUDA provider ({', '.join(onnxruntime.get_available_providers())}), row left out")
         return None
     try:
-        return onnx_session(hf_model, ids, mask, provider="CUDAExecutionProvider")
+        return onnx_session(hf_model, ids, mask, provider="CUDAExecutionProvider")[0]
     except Exception as error:  # an optional peer must not end the run
         print(f"  ONNX Runtime: export or session failed ({error!r:.300}), row left out")
         return None
@@ -461,6 +468,7 @@ def main() -> None:
     parser.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: real weights; cuda: random weights of the same shapes on a GPU")
     parser.add_argument("--lm-dtype", choices=sorted(LM_DTYPES), default="bf16", help="SmolLM2's dtype on cuda")
+    parser.add_argument("--only", choices=("smollm2", "minilm"), help="one of the cpu workloads")
     args = parser.parse_args()
     if args.target == "cuda":
         if not torch.cuda.is_available():
@@ -469,8 +477,10 @@ def main() -> None:
         return
     runs = 3 if args.quick else 7
     print(f"fuselm {fuselm.__version__}, torch {torch.__version__}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}")
-    bench_smollm2([128, 512], runs)
-    bench_minilm(runs)
+    if args.only != "minilm":
+        bench_smollm2([128, 512], runs)
+    if args.only != "smollm2":
+        bench_minilm(runs)
 
 
 if __name__ == "__main__":

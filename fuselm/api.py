@@ -117,7 +117,9 @@ def _directory(option: str, path) -> Optional[str]:
         return None
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise TypeError(f"{option} must be a str or os.PathLike path, got {type(path).__name__}")
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))  # "~/kernels", as a shell would
+    if "\0" in path:
+        raise FuselmError(f"{option}={path!r}: a path cannot hold a NUL character")
     try:
         os.makedirs(path, exist_ok=True)
     except FileExistsError:

@@ -56,24 +56,31 @@ def cmd_models(args) -> int:
 
 
 def cmd_ir(args) -> int:
-    from .models import load
-    from .models.contract import capture_example
+    from .artifact.format import is_onnx_file
+    from .passes import run_passes
 
-    loaded = load(args.model)
-    example, dynamic = capture_example(loaded.config)
     started = time.perf_counter()
+    if is_onnx_file(args.model):  # an ONNX graph: imported, not captured
+        from .frontend.onnx import import_onnx
+
+        model, example, dynamic, captured = args.model, None, None, lambda: import_onnx(args.model).graph
+    else:
+        from .frontend import capture
+        from .models import load
+        from .models.contract import capture_example
+
+        loaded = load(args.model)
+        example, dynamic = capture_example(loaded.config)
+        model, captured = loaded.model, lambda: capture(loaded.model, example, dynamic)
     if args.target:
         from .api import compile
 
-        compiled = compile(loaded.model, example, target=args.target, dynamic=dynamic, dump_dir=args.dump_dir)
+        compiled = compile(model, example, target=args.target, dynamic=dynamic, dump_dir=args.dump_dir)
         graph = compiled.graph
         for kernel in compiled.kernels:
             print(f"# kernel {kernel.name}: {' '.join(kernel.ops)} x{kernel.launches}  {kernel.source_path}", file=sys.stderr)
     else:
-        from .frontend import capture
-        from .passes import run_passes
-
-        graph = capture(loaded.model, example, dynamic)
+        graph = captured()
         if not args.no_passes:
             graph = run_passes(graph, dump_dir=args.dump_dir)
     print(graph, end="")
@@ -284,7 +291,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_build_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a named model (see `fuselm models`), a Hugging Face directory or a .gguf file")
+    parser.add_argument("model", help="a named model (see `fuselm models`), a Hugging Face directory, a .gguf "
+                        "file or an .onnx file")
     parser.add_argument("-o", "--output", required=True, metavar="DIR",
                         help="the artifact directory to write (an artifact there is replaced)")
     # dest differs from the other commands' `target`: building cuda kernels needs no GPU
@@ -332,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = command("models", cmd_models, "list the named models, or fetch one")
     models.add_argument("--fetch", metavar="NAME", help="download a named model into the cache")
     ir = command("ir", cmd_ir, "capture a named or local model and print its IR")
-    ir.add_argument("model", help="a named model (see `fuselm models`) or a local path")
+    ir.add_argument("model", help="a named model (see `fuselm models`), a local path or an .onnx file")
     ir.add_argument("--dump-dir", help="write the IR after every pass (and, with --target, the kernels) here")
     ir.add_argument("--target", choices=["cpu", "cuda"], help="also generate the kernels for this target")
     ir.add_argument("--no-passes", action="store_true", help="print the graph as captured")

@@ -15,6 +15,11 @@ class UnsupportedOpError(FuselmError):
         super().__init__(f"unsupported op {op}{where}{': ' + detail if detail else ''}")
 
 
+class CaptureError(FuselmError):
+    """torch.export could not trace the model into one graph (a branch on a tensor's
+    values, a dynamic dim the model fixes); the message names the model's line."""
+
+
 class UnsupportedKernelError(FuselmError, NotImplementedError):
     """No kernel of the target can compute a fused group (its ops, dtypes or shapes)."""
 

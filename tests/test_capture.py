@@ -5,7 +5,7 @@ One capture per model serves every token count and sequence count below.
 import pytest
 import torch
 
-from fuselm import UnsupportedOpError, ir
+from fuselm import FuselmError, UnsupportedOpError, ir
 from fuselm.frontend import capture
 from fuselm.models import bert, gpt2, llama
 from fuselm.models.config import BertConfig, GPT2Config, LlamaConfig
@@ -180,3 +180,42 @@ def test_ops_the_table_lacks_are_decomposed_first():
     assert "sigmoid" in graph.op_counts()  # glu arrived decomposed
     y = torch.randn(7, 8)
     torch.testing.assert_close(ir.interpret(graph, y), _Glu()(y))
+
+
+def test_cat_skips_legacy_empty_tensors():
+    """torch.cat skips 1-d empty tensors beside tensors of any rank (Hugging Face's
+    DynamicCache concatenates each layer's first keys onto torch.tensor([])): a concat of
+    what is left, not an aten fallback."""
+    class GrowingCache(torch.nn.Module):
+        def forward(self, k, v):
+            empty = torch.tensor([], dtype=k.dtype)
+            return torch.cat([empty, k], dim=-2), torch.cat([empty, k, v], dim=-2)
+
+    k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 2, 4)
+    graph = capture(GrowingCache(), (k, v))
+    assert "aten" not in graph.op_counts() and graph.op_counts().get("concat") == 1
+    for got, want in zip(ir.interpret(graph, k, v), GrowingCache()(k, v)):
+        assert torch.equal(got, want)
+
+
+def test_a_branch_on_tensor_values_is_a_capture_error_naming_the_line():
+    """torch.export's GuardOnDataDependentSymNode, as a FuselmError at the model's line."""
+    import fuselm
+
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # the line the error names
+                return x + 1
+            return x - 1
+
+    with pytest.raises(fuselm.CaptureError, match=r"test_capture\.py:\d+ `if x\.sum\(\) > 0:.*`: the model branches.*torch\.where"):
+        capture(Branchy(), (torch.randn(5),))
+
+
+def test_a_dynamic_dim_the_model_fixes_is_a_capture_error():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x.reshape(4, 3) + 1
+
+    with pytest.raises(FuselmError, match="a dim marked dynamic is fixed by the model.*constant"):
+        capture(Fixed(), (torch.randn(12),), {"x": {0: "N"}})

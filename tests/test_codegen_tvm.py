@@ -497,3 +497,29 @@ def test_attention_with_views_keeps_te_path():
     assert not attention.tiled_supported(group)
     kernel = check(group, lambda bs: random_inputs(group, {B: bs[0], S: bs[1]}), [(1, 3), (2, 9)])
     assert not kernel.name.startswith("attention_tiled")
+
+
+@pytest.mark.parametrize("mask_dtype", ["bool", "f32"])
+@pytest.mark.parametrize("viewed", [False, True], ids=["tiled", "te"])
+def test_attention_rows_with_every_key_hidden_are_zeros(mask_dtype, viewed):
+    """A query row whose keys are all masked (a bool False or an added -inf everywhere)
+    gives 0, as SDPA (the op's reference) does, not 0/0: both kernel forms."""
+    b = GraphBuilder()
+    q = b.input("q", TensorType(("B", "S", 2, 16), "f32") if viewed else TensorType(("B", 2, "S", 16), "f32"))
+    k = b.input("k", TensorType(("B", 2, "S", 16), "f32"))
+    v = b.input("v", TensorType(("B", 2, "S", 16), "f32"))
+    mask = b.input("mask", TensorType(("B", 1, "S", "S"), mask_dtype))
+    group = b.build([b.op("attention", b.op("permute", q, dims=(0, 2, 1, 3)) if viewed else q, k, v, mask)])
+
+    def make(bs):
+        args = random_inputs(group, {B: bs[0], S: bs[1]})[:3]
+        keep = torch.rand(bs[0], 1, bs[1], bs[1]) > 0.5
+        keep[0, :, 0] = False  # the first query row of the first sequence sees no key
+        keep[-1] = False  # nor does any row of the last sequence
+        args.append(keep if mask_dtype == "bool" else torch.where(keep, 0.0, -math.inf))
+        return args
+
+    kernel = check(group, make, [(2, 5), (3, 19)], rtol=1e-4, atol=2e-5)
+    assert kernel.name.startswith("attention_tiled") != viewed
+    args = make((2, 5))
+    assert torch.equal(kernel.run(*args)[-1], torch.zeros(2, 5, 16))

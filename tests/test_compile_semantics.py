@@ -3,6 +3,7 @@ hostile user: branches on sizes are guarded, inputs and buffers updated in place
 updated, out-of-range indices raise, einsum attention compiles, bad directory options
 are named at compile, and the eager model stays usable while another thread captures."""
 import math
+import os
 import threading
 
 import pytest
@@ -140,9 +141,17 @@ def test_directory_options_are_checked_at_compile(option, tmp_path):
         fuselm.compile(model, **{option: str(a_file / "below")})
     with pytest.raises(TypeError, match=f"{option} must be a str or os.PathLike path, got int"):
         fuselm.compile(model, **{option: 5})
+    with pytest.raises(FuselmError, match=f"{option}=.*: a path cannot hold a NUL character"):
+        fuselm.compile(model, **{option: str(tmp_path / "a\0b")})
     compiled = fuselm.compile(model, **{option: tmp_path / "made"})  # a Path is fine, and is created
     assert (tmp_path / "made").is_dir()
     compiled(torch.randn(1, 2))
+
+
+def test_directory_options_expand_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fuselm.compile(torch.nn.Linear(2, 2), dump_dir="~/dumps")
+    assert (tmp_path / "dumps").is_dir() and not os.path.exists("~")
 
 
 class Rendezvous(torch.nn.Module):

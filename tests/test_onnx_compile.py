@@ -1,6 +1,10 @@
 """`fuselm.compile("model.onnx")`: Hugging Face models exported to ONNX (as
 benchmarks/forward.py exports MiniLM) compile through the same passes and kernels as
-their torch capture and match ONNX Runtime; inputs by position or name, torch or numpy."""
+their torch capture (the same fused kernels) and match ONNX Runtime; inputs by position
+or name, torch or numpy."""
+import re
+import warnings
+
 import pytest
 import torch
 
@@ -32,14 +36,41 @@ def ort_run(path: str, ids, mask):
     return torch.from_numpy(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
 
 
-def test_an_exported_hugging_face_bert_matches_onnx_runtime(tmp_path):
-    """(GPT-2's export is checked through the importer in test_onnx_frontend.py.)"""
+def tiny(kind: str):
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64)
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
-    path = export(model, tmp_path / "bert.onnx", *padded([5, 3], 64))
-    compiled = fuselm.compile(path, target="cpu", cache_dir=str(tmp_path / "kernels"))
+    if kind == "bert":
+        config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=64)
+        return transformers.BertModel(config, add_pooling_layer=False).eval()
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Model(config).eval()
+
+
+def fused_kernels(compiled) -> list:
+    """The heavy kernels' names without their hash suffix (gemm with its epilogue, norms,
+    attention): what fusion made of the model."""
+    names = [re.sub(r"_[0-9a-f]{6}$", "", k.name) for k in compiled.kernels]
+    return sorted(n for n in names if n.startswith(("gemm", "layer_norm", "rms_norm", "attention")))
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_an_exported_hugging_face_model_matches_onnx_runtime_with_the_torch_capture_kernels(kind, tmp_path):
+    """Exported by torch.onnx (opset 17), compiled through the same passes: ONNX Runtime's
+    outputs, one native program (no fallback of any kind), and the fused kernels of the
+    torch capture of the same model (GPT-2's exported SDPA, NaN-guarded, is attention;
+    BERT's written-out GELU is the gemm's epilogue)."""
+    model = tiny(kind)
+    path = export(model, tmp_path / f"{kind}.onnx", *padded([5, 3], 64))
+    cache = str(tmp_path / "kernels")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fuselm.FallbackWarning)
+        compiled = fuselm.compile(path, target="cpu", cache_dir=cache)
+        captured = fuselm.compile(LastHidden(model), padded([7, 4], 64), target="cpu", cache_dir=cache,
+                                  dynamic={name: {0: ("B", 1, 64), 1: ("S", 1, 64)} for name in ("input_ids", "attention_mask")})
+    assert compiled.fallbacks == {} and captured.fallbacks == {}
+    assert fused_kernels(compiled) == fused_kernels(captured)
+    assert any(name.startswith("attention") for name in fused_kernels(compiled))
     for seed, lengths in enumerate([[7, 4, 7], [12, 2]]):  # two sequence lengths: the dims are symbolic
         ids, mask = padded(lengths, 64, seed)
         expected = ort_run(path, ids, mask)
@@ -48,7 +79,6 @@ def test_an_exported_hugging_face_bert_matches_onnx_runtime(tmp_path):
         torch.testing.assert_close(got[keep], expected[keep], atol=1e-4, rtol=1e-4)
     by_name = compiled(attention_mask=mask.numpy(), input_ids=ids.numpy())  # by name, numpy
     torch.testing.assert_close(by_name[0], got)
-    assert compiled.fallbacks == {}
     with pytest.raises(TypeError, match="the ONNX model takes"):
         compiled(ids)
 
@@ -58,3 +88,32 @@ def test_bad_calls_and_files(tmp_path):
         fuselm.compile(str(tmp_path / "nothing.onnx"), target="cpu")
     with pytest.raises(TypeError, match="example_inputs, dynamic and quantize do not apply"):
         fuselm.compile(str(tmp_path / "nothing.onnx"), (torch.ones(1),), target="cpu")
+
+
+def test_the_command_line_prints_builds_and_loads_an_onnx_file(tmp_path, capsys):
+    """`fuselm ir model.onnx [--target cpu]` and `fuselm build model.onnx -o DIR`; the
+    artifact loads (no import, no codegen) and is called as fuselm.compile's result is."""
+    from fuselm.cli import main
+
+    path = export(tiny("gpt2"), tmp_path / "gpt2.onnx", *padded([5, 3], 64))
+    assert main(["ir", path]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("graph(%input_ids: i64[batch,sequence], %attention_mask: i64[batch,sequence])")
+    assert "attention(" in out and "nodes" in err
+    assert main(["ir", path, "--target", "cpu", "--dump-dir", str(tmp_path / "dump")]) == 0
+    assert "# kernel attention_tiled" in capsys.readouterr().err
+    assert main(["build", path, "-o", str(tmp_path / "art")]) == 0
+    capsys.readouterr()
+    artifact = fuselm.load(tmp_path / "art")
+    ids, mask = padded([6, 2], 64, seed=3)
+    (got,) = artifact(ids, mask)
+    (by_name,) = artifact(attention_mask=mask.numpy(), input_ids=ids.numpy())
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], ort_run(path, ids, mask)[keep], atol=1e-4, rtol=1e-4)
+    assert torch.equal(got, by_name) and artifact.fallbacks == {}
+    with pytest.raises(TypeError, match="the ONNX model takes \\(input_ids, attention_mask\\)"):
+        artifact(ids)
+    with pytest.raises(fuselm.ArtifactError, match="holds a onnx model, not a causal language model"):
+        fuselm.LLM(model=str(tmp_path / "art"))
+    assert main(["build", path, "-o", str(tmp_path / "q"), "--quantize", "int8"]) == 2
+    assert "--quantize applies to models fuselm loads, not to ONNX graphs" in capsys.readouterr().err

@@ -105,3 +105,24 @@ def test_a_value_read_twice_ends_its_kernel():
     assert [s.ops for s in steps] == [("exp",), ("neg", "sin", "add")]
     t = torch.randn(4)
     torch.testing.assert_close(Executor(b.build([out]), steps, interpreted_kernel)(t), torch.exp(t).neg() + torch.exp(t).sin())
+
+
+def test_a_product_seen_only_whole_is_one_symbol_and_a_split_one_reads_a_size_source():
+    """A gemm on [B*S, D] rows (a flattened view made outside the group) is the kernel of
+    any [M, D] rows: one symbol, read from its input. A group that needs B and S apart
+    (a reshape to [B, S, N] inside it) but sees only B*S gets a graph input giving them."""
+    b = GraphBuilder()
+    ids = b.input("ids", TensorType(("B", "S"), "i64"))
+    x = b.input("x", TensorType(("B", "S", 8), "f32"))
+    rows = b.op("reshape", b.op("exp", x), shape=(symbol("B") * symbol("S"), 8))
+    h = b.op("gemm", rows, b.constant("w", torch.randn(16, 8)))
+    out = b.op("gelu", b.op("reshape", b.op("exp", h), shape=(symbol("B"), symbol("S"), 16)))
+    out = b.op("add", out, b.op("cast", b.op("reshape", ids, shape=(symbol("B"), symbol("S"), 1)), dtype="f32"))
+    graph = b.build([out])
+    steps = [s for s in partition(graph) if isinstance(s, KernelGroup)]
+    gemm = next(s for s in steps if "gemm" in s.ops)
+    assert [str(v.type) for v in gemm.graph.inputs] == ["f32[n0,8]", "f32[16,8]"]
+    split = next(s for s in steps if "gelu" in s.ops)
+    assert ids in split.args  # B and S are read from the shape of ids
+    inputs = (torch.randint(0, 5, (2, 3)), torch.randn(2, 3, 8))
+    torch.testing.assert_close(Executor(graph, partition(graph), interpreted_kernel)(*inputs), ir.interpret(graph, *inputs))

@@ -128,6 +128,28 @@ def test_canonicalize_removes_identities():
     assert_same_results(before, after, torch.randn(3, 4))
 
 
+def test_canonicalize_takes_one_element_constants_as_scalars():
+    """ONNX's 0-d initializers as torch capture's `scalar` attribute (left operands
+    `reverse`); a constant of another dtype, or one that would broadcast the result, stays."""
+    b = GraphBuilder()
+    x = b.input("x", TensorType(("T", 4), "f32"))
+    half, three, one = b.constant("half", torch.tensor(0.5)), b.constant("three", torch.tensor([3.0])), b.constant("one", torch.tensor(1.0))
+    y = b.op("pow", b.op("mul", x, half), three)
+    y = b.op("sub", one, y)  # 1 - y: reverse
+    y = b.op("mul", y, one)  # an identity once scalar
+    y = b.op("add", y, b.constant("i", torch.tensor(2, dtype=torch.int32)))  # another dtype: stays
+    n = b.input("n", TensorType((), "f32"))
+    z = b.op("mul", n, b.constant("row", torch.tensor([2.0])))  # [] * [1] is [1]: stays
+    before = b.build([y, z, b.op("logical_and", b.constant("yes", torch.tensor(True)), b.op("gt", x, scalar=0.0))])
+    after = canonicalize(before)
+    ops = [(n.op, n.attrs.get("scalar"), n.attrs.get("reverse", False), len(n.inputs)) for n in after.nodes]
+    assert ops == [("mul", 0.5, False, 1), ("pow", 3.0, False, 1), ("sub", 1.0, True, 1), ("add", None, False, 2),
+                   ("mul", None, False, 2), ("gt", 0.0, False, 1)]
+    assert counters["canonicalize.scalar_operand"] == 5 and counters["canonicalize.mul"] == 1
+    assert counters["canonicalize.logical_and"] == 1
+    assert_same_results(before, after, torch.randn(3, 4), torch.tensor(1.5))
+
+
 def test_manager_dumps_every_pass_and_disables_by_name(tmp_path):
     b = GraphBuilder()
     x = b.input("x", TensorType(("T", 4), "f32"))

@@ -140,6 +140,21 @@ class PaddingFinfoBlock(PaddingMaskBlock):
         return F.softmax(torch.where(keep[:, None, None, :], att, FINFO_MIN), dim=-1) @ v
 
 
+class OnnxSpelledBlock(PaddingMaskBlock):
+    """Attention as ONNX exports of SDPA spell it: the scale's square root on q and on kᵀ,
+    the bool mask made additive by where(keep, 0, -inf), the probabilities NaN-guarded.
+    The second sequence is wholly padded: its rows are fully masked, which the guard
+    turns into zeros, as SDPA (and so the attention op) does."""
+
+    hide_all_of_second = True
+
+    def attend(self, q, k, v, T, keep):
+        root = (D // HEADS) ** -0.25
+        att = (q * root) @ (k.transpose(-1, -2) * root)
+        probs = F.softmax(att + torch.where(keep[:, None, None, :], 0.0, float("-inf")), dim=-1)
+        return torch.where(torch.isnan(probs), 0.0, probs) @ v
+
+
 # block -> (causal, the counters that must have fired besides the linear layers')
 STYLES = {
     MaskedFillBlock: (True, ("fuse_attention.attention", "fuse_attention.fill_mask", "fuse_attention.causal_mask")),
@@ -153,6 +168,8 @@ STYLES = {
     SdpaMaskBlock: (True, ("fuse_attention.causal_mask",)),
     PaddingMaskBlock: (False, ("fuse_attention.attention", "fuse_attention.fill_mask")),
     PaddingFinfoBlock: (False, ("fuse_attention.attention", "fuse_attention.fill_mask")),
+    OnnxSpelledBlock: (False, ("fuse_attention.attention", "fuse_attention.scaled_operand",
+                               "fuse_attention.nan_guard")),
 }
 LINEAR_COUNTERS = {"matmul_to_gemm.linear": 4, "fuse_epilogue.bias": 1, "fuse_epilogue.gelu_tanh": 1,
                    "fuse_epilogue.residual": 2}
@@ -163,6 +180,8 @@ def block_inputs(style, tokens: int) -> tuple:
     if issubclass(style, PaddingMaskBlock):
         keep = torch.ones(2, tokens, dtype=torch.bool)
         keep[1, tokens // 2 + 1:] = False  # the second sequence is padded
+        if getattr(style, "hide_all_of_second", False):
+            keep[1] = False
         return x, keep
     return (x,)
 
@@ -344,6 +363,80 @@ def test_compiled_block_matches_eager_on_cpu(tmp_path):
         (x,) = block_inputs(MaskedFillBlock, tokens)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_fully_masked_rows_are_zeros_as_in_eager(tmp_path):
+    """The NaN-guarded spelling fused: rows with every key masked give what eager's guard
+    gives (zeros), in the cpu kernels too."""
+    pytest.importorskip("tvm")
+    import fuselm
+
+    model = OnnxSpelledBlock().eval()
+    compiled = fuselm.compile(model, block_inputs(OnnxSpelledBlock, T), target="cpu", strict=True,
+                              cache_dir=str(tmp_path))
+    assert compiled.graph.op_counts().get("attention") == 1 and "isnan" not in compiled.graph.op_counts()
+    inputs = block_inputs(OnnxSpelledBlock, T)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GELU written out
+def _erf_half_last(x):
+    return x * (1.0 + torch.erf(x / math.sqrt(2.0))) * 0.5  # ONNX exports of F.gelu
+
+
+def _erf_half_first(x):
+    return 0.5 * x * (1.0 + torch.erf(x * (1 / math.sqrt(2.0))))
+
+
+def _tanh_new_gelu(x):  # GPT-2's NewGELUActivation
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _tanh_half_on_sum(x):
+    return x * (0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3))))
+
+
+class WrittenGelu(torch.nn.Module):
+    """gelu(x @ W.t() + b), the GELU written out; `conv1d`: GPT-2's Conv1D, addmm on the
+    rows viewed flat and viewed back before the activation."""
+
+    def __init__(self, gelu, conv1d: bool):
+        super().__init__()
+        self.gelu, self.conv1d = gelu, conv1d
+        self.W, self.b = torch.nn.Parameter(torch.randn(4 * D, D) * 0.3), torch.nn.Parameter(torch.randn(4 * D))
+
+    def forward(self, x):
+        if self.conv1d:
+            h = torch.addmm(self.b, x.reshape(-1, D), self.W.t()).view(*x.shape[:-1], 4 * D)
+        else:
+            h = x @ self.W.t() + self.b
+        return self.gelu(h)
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("gelu, step", [(_erf_half_last, "gelu"), (_erf_half_first, "gelu"),
+                                        (_tanh_new_gelu, "gelu_tanh"), (_tanh_half_on_sum, "gelu_tanh")],
+                         ids=["erf_half_last", "erf_half_first", "tanh_new_gelu", "tanh_half_on_sum"])
+def test_written_out_gelu_is_the_gemms_epilogue(gelu, step, conv1d):
+    model = WrittenGelu(gelu, conv1d).eval()
+    x = torch.randn(2, T, D)
+    fused = run_passes(capture(model, (x,), {"x": {1: ("T", 1, 16)}}), pipeline("cpu"))
+    assert [n.attrs.get("epilogue") for n in fused.nodes if n.op == "gemm"] == [("bias", step)]
+    assert not {"erf", "tanh", "pow", "gelu"} & set(fused.op_counts())
+    for tokens in (T, 11):
+        x = torch.randn(2, tokens, D)
+        with torch.no_grad():
+            torch.testing.assert_close(ir.interpret(fused, x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_gelu_like_formulas_that_are_not_gelu_stay():
+    """A 0.6 for the ½, or erf(x/2): other functions, left as they are."""
+    for other in (lambda x: 0.6 * x * (1.0 + torch.erf(x / math.sqrt(2.0))),
+                  lambda x: 0.5 * x * (1.0 + torch.erf(x / 2.0))):
+        model = WrittenGelu(other, conv1d=False).eval()
+        fused = run_passes(capture(model, (torch.randn(2, T, D),)), pipeline("cpu"))
+        assert "erf" in fused.op_counts() and "gelu" not in fused.op_counts()
 
 
 def causal_attention_group(heads: int, kv_heads: int, s_k: str = "S"):

@@ -3,7 +3,8 @@
     build("smollm2-135m", "smollm2.fuselm", target="cpu")          # returns the compiled model
 
 MODEL is anything `fuselm.models.load` takes (a named model, a Hugging Face directory, a
-.gguf file). It is compiled as `fuselm.api.compile_lm` compiles it: a causal LM in the
+.gguf file), or an .onnx file (compiled as `fuselm.compile` compiles it; the artifact is
+called as that result is: inputs by position or ONNX name, a tuple of outputs). It is compiled as `fuselm.api.compile_lm` compiles it: a causal LM in the
 LM contract with symbolic token, sequence and block counts; an encoder (BERT) on
 (input_ids, attention_mask) with symbolic batch and sequence lengths
 (`models.contract.capture_example` gives both). The phases are: load, compile (capture,
@@ -27,6 +28,7 @@ from ..errors import ArtifactError, FuselmError
 from ..models.sentence import SentenceConfig
 from ..quant.config import loads_packed, quantize_config
 from ..target import Target, get_target
+from .format import is_onnx_file
 from .machine import check_mcpu, code_settings, requirements
 from .verify import running_versions
 from .writer import (check_destination, describe, staged, write_artifact_manifest, write_code, write_constants,
@@ -42,33 +44,42 @@ def build(model: Union[str, Path], output: Union[str, Path], *, target: Union[st
     anything else) and return the compiled model it holds (as `fuselm.compile` returns).
     `max_model_len`: the context length served by default (None: the model's, at most
     2048). Raises ArtifactError (or the loader's errors) with nothing written at `output`."""
-    from ..api import compile_lm  # the compiler sits above the artifact format
+    from ..api import compile as compile_any, compile_lm  # the compiler sits above the artifact format
     from ..models import load
     from ..runtime.engine import DEFAULT_BLOCK_SIZE, check_max_model_len
 
     target = get_target(target)
     output = Path(output).absolute()
     check_options(output, target, mcpu, quantize)  # refused before minutes of work, not after
+    onnx = is_onnx_file(model)
+    if onnx and quantize != "none":
+        raise ArtifactError(f"{model}: --quantize applies to models fuselm loads, not to ONNX graphs")
     with _phases(progress) as phase, staged(output) as staging, code_settings(target, mcpu):
         phase("load")
-        loaded = load(model, dtype=target.default_dtype, packed=loads_packed(quantize))
-        max_model_len = check_max_model_len(max_model_len, loaded.config)
-        phase("capture+passes+kernels")
-        causal = loaded.config.model_type != "bert"  # as models.contract.capture_example tells them apart
         emitting = _without_running(target)
-        compiled = compile_lm(loaded, emitting, DEFAULT_BLOCK_SIZE, target.default_dtype, cache_dir,
-                              donate_weights=True, quantize=quantize, pack=not causal)  # encoders: packed
-        graph = compiled.entries[-1]
+        if onnx:  # an ONNX graph as fuselm.compile takes it: imported, inputs and outputs by name
+            phase("capture+passes+kernels")
+            compiled = compile_any(str(Path(model).absolute()), target=emitting, cache_dir=cache_dir,
+                                   donate_weights=True)
+            graph, config, tokenizer, causal, max_model_len = compiled.compiled_graph, compiled.config, None, False, None
+        else:
+            loaded = load(model, dtype=target.default_dtype, packed=loads_packed(quantize))
+            max_model_len = check_max_model_len(max_model_len, loaded.config)
+            phase("capture+passes+kernels")
+            causal = loaded.config.model_type != "bert"  # as models.contract.capture_example tells them apart
+            compiled = compile_lm(loaded, emitting, DEFAULT_BLOCK_SIZE, target.default_dtype, cache_dir,
+                                  donate_weights=True, quantize=quantize, pack=not causal)  # encoders: packed
+            graph, config, tokenizer = compiled.entries[-1], loaded.config, loaded.tokenizer
         if graph.fallbacks:
             listed = ", ".join(f"{op} x{n}" for op, n in sorted(graph.fallbacks.items()))
             raise ArtifactError(f"{model}: {listed} run without generated kernels (fallbacks), and an artifact holds "
                                 "generated kernels only: this model cannot be built into one yet")
         source = model if isinstance(model, str) and not Path(model).exists() else str(Path(model).absolute())
-        description = describe(graph, source=source, config=loaded.config, machine=requirements(target, mcpu),
+        description = describe(graph, source=source, config=config, machine=requirements(target, mcpu),
                                dtype=target.default_dtype, max_model_len=max_model_len,
                                block_size=DEFAULT_BLOCK_SIZE if causal else None)
         description["quantize"] = None if quantize == "none" else quantize_config(quantize).name
-        if not causal:  # how fuselm.Encoder pools, normalizes and truncates for this model
+        if not causal and not onnx:  # how fuselm.Encoder pools, normalizes and truncates for this model
             description["sentence"] = (SentenceConfig.read(loaded.source) if loaded.source.is_dir()
                                        else SentenceConfig()).as_dict()
         phase("copy kernels")
@@ -77,7 +88,7 @@ def build(model: Union[str, Path], output: Union[str, Path], *, target: Union[st
         write_constants(graph, staging)
         phase("manifest")
         write_graph(graph, staging)
-        description["tokenizer"] = write_tokenizer(loaded.tokenizer, staging)
+        description["tokenizer"] = write_tokenizer(tokenizer, staging)
         write_artifact_manifest(staging, running_versions(target), description)
     return compiled
 

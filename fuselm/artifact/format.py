@@ -21,6 +21,7 @@ imports nothing heavy: the command line asks `is_artifact` before torch is impor
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 FORMAT = 1
@@ -50,6 +51,12 @@ MANIFEST_KEYS = (
 def is_artifact(path) -> bool:
     """Whether `path` is an artifact directory (it has a manifest.json)."""
     return (Path(path) / MANIFEST).is_file()
+
+
+def is_onnx_file(path) -> bool:
+    """Whether `path` names an ONNX model file (by its suffix): what `fuselm build` and
+    `fuselm ir` import as ONNX rather than load as a checkpoint."""
+    return isinstance(path, (str, os.PathLike)) and Path(path).suffix.lower() == ".onnx"
 
 
 def rebuild_command(manifest: dict, directory) -> str:

@@ -29,6 +29,7 @@ from ..frontend.signature import CallSignature
 from ..ir.interpreter import bind_symbols
 from ..ir.text import IRParseError, parse
 from ..passes.partition import KernelGroup, partition
+from ..onnx_model import OnnxCalls, OnnxGraphConfig
 from ..runtime.compiled_graph import CompiledGraph, DescribesCompiledGraph
 from ..target import Target, get_target
 from .codec import decode_output, decode_signature
@@ -49,6 +50,8 @@ def load(directory: Union[str, Path], target: Union[None, str, Target] = None) -
     target = get_target(manifest["target"])
     with target.importing():
         compiled = _compiled_graph(directory, manifest, target)
+    if manifest["model"]["model_type"] == "onnx":
+        return OnnxArtifact(directory, manifest, compiled)
     return Artifact(directory, manifest, compiled)
 
 
@@ -114,7 +117,8 @@ class Artifact(DescribesCompiledGraph):
         self.path, self.manifest, self._compiled = directory, manifest, compiled
         self.target = compiled.target
         model = manifest["model"]
-        self.config = config_from_dict({**model["config"], "model_type": model["model_type"]})
+        if model["model_type"] != "onnx":  # (an ONNX graph's config is its inputs' and outputs' names)
+            self.config = config_from_dict({**model["config"], "model_type": model["model_type"]})
         self.dtype = getattr(torch, manifest["dtype"])
         self.max_model_len: int = manifest["max_model_len"]
         self.block_size: Optional[int] = manifest["block_size"]
@@ -159,6 +163,16 @@ class Artifact(DescribesCompiledGraph):
         model = self.manifest["model"]
         return (f"Artifact({str(self.path)!r}, model={model['source']!r} ({model['model_type']}), "
                 f"target={self.target.name}, {len(self.kernels)} kernels)")
+
+
+class OnnxArtifact(OnnxCalls, Artifact):
+    """An artifact built from an .onnx file, called as `fuselm.compile` of that file is:
+    inputs by position or ONNX name, torch tensors or numpy arrays; a tuple of outputs."""
+
+    def __init__(self, directory: Path, manifest: dict, compiled: CompiledGraph):
+        super().__init__(directory, manifest, compiled)
+        config = manifest["model"]["config"]
+        self._calls(compiled, OnnxGraphConfig(tuple(config["input_names"]), tuple(config["output_names"])))
 
 
 def _leaves(signature: CallSignature) -> str:

@@ -94,7 +94,7 @@ FIELD_CHECKS = {
     "target": lambda v: isinstance(v, str),
     "machine": lambda v: isinstance(v, dict),
     "dtype": lambda v: v in ("float32", "float16", "bfloat16", "float64"),
-    "max_model_len": _positive_int,
+    "max_model_len": lambda v: v is None or _positive_int(v),  # None: an ONNX graph (no context length)
     "block_size": lambda v: v is None or _positive_int(v),
     "signature": lambda v: isinstance(v, dict),
     "output": lambda v: isinstance(v, dict),

@@ -90,10 +90,14 @@ def versions(backend: str, compiler: str) -> tuple:
 
 
 def emitter_digest(backend: str) -> str:
-    """A hash of a backend package's emitter sources (found without importing the compiler)."""
+    """A hash of the sources that decide what a kernel or program is: the backend
+    package's emitters (found without importing the compiler), the shared codegen
+    modules, and partition, which cuts a program into its kernels."""
     spec = importlib.util.find_spec(backend)
+    codegen = Path(__file__).resolve().parent
+    paths = sorted(Path(spec.submodule_search_locations[0]).glob("*.py")) + sorted(codegen.glob("*.py"))
     digest = hashlib.sha256()
-    for path in sorted(Path(spec.submodule_search_locations[0]).glob("*.py")):
+    for path in paths + [codegen.parent / "passes" / "partition.py"]:
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:12]
 

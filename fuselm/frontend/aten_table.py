@@ -131,7 +131,12 @@ def select(cv, x, dim, index):
 
 
 def concat(cv, tensors, dim=0):
-    return cv.op("concat", *tensors, dim=dim % tensors[0].type.rank)
+    # torch skips 1-d empty tensors of any other rank (Hugging Face's DynamicCache starts
+    # each layer's keys as torch.tensor([]) and concatenates the first keys onto it)
+    kept = [t for t in tensors if not (t.type.rank == 1 and t.type.shape[0] == 0)] or list(tensors)
+    if len(kept) == 1:
+        return kept[0]
+    return cv.op("concat", *kept, dim=dim % kept[0].type.rank)
 
 
 def index_tensor(cv, x, indices):

@@ -27,13 +27,14 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
-from ..errors import UnsupportedOpError
+from ..errors import CaptureError, UnsupportedOpError
 from ..ir.aten_op import OP as ATEN_OP, make_attrs
 from ..ir.graph import Graph, GraphBuilder, Value
 from ..ir.registry import IRTypeError
@@ -83,13 +84,48 @@ def capture_module(module: torch.nn.Module, example_inputs, dynamic: Optional[di
     dynamic_shapes, named_dims = _dynamic_shapes(names, dynamic or {})
     with warnings.catch_warnings():  # torch's own deprecation noise about its pytree specs
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        exported = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        exported = _export(module, example_inputs, dynamic_shapes)
         guards = ShapeGuards.of(exported)
         if unmapped_ops(exported):
             exported = exported.run_decompositions(decomposition_table())
     converter = _Converter(exported, named_dims, strict)
     graph = converter.run()
     return Captured(graph, guards, converter.updates, converter.state)
+
+
+def _export(module: torch.nn.Module, example_inputs: tuple, dynamic_shapes):
+    """torch.export's graph of the module; CaptureError, naming the model's line, where
+    torch cannot make one graph of it."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    try:
+        return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except GuardOnDataDependentSymNode as error:
+        raise CaptureError(f"{_model_line(error)}: the model branches on the values in a tensor (or sizes a "
+                           "tensor by them), which one graph cannot hold; compute both sides and select with "
+                           "torch.where, or pass the value as a Python number") from None
+    except Exception as error:
+        if "Constraints violated" not in str(error):
+            raise
+        detail = next((line.strip(" -") for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise CaptureError(f"{_model_line(error)}: a dim marked dynamic is fixed by the model: {detail}; mark it "
+                           "static (dynamic=False) or give the range the model allows") from None
+
+
+def _model_line(error: BaseException) -> str:
+    """file:line `code` of the innermost traceback frame outside torch, fuselm and the
+    standard library: the model's code that the failure came from."""
+    import sysconfig
+    import traceback
+
+    library = [Path(torch.__file__).resolve().parent, Path(__file__).resolve().parents[1],
+               Path(sysconfig.get_paths()["stdlib"]).resolve()]
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not any(Path(f.filename).resolve().is_relative_to(root) for root in library)]
+    if not frames:
+        return "the model"
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
 
 
 def unmapped_ops(exported) -> set:

@@ -245,6 +245,11 @@ class Importer:
     def op(self, name: str, *inputs, **attrs) -> Tensor:
         values = [self.v(t) for t in inputs]
         node = self.builder.op(name, *values, source=self.node.source if self.node else None, **attrs)
+        shape = node.type.shape
+        if all(isinstance(d, int) for d in shape) and 0 in shape:
+            # an empty result has nothing to compute: a constant (the node is dead code), so no
+            # kernel is asked for a zero-size output
+            return self.const(np.zeros(shape, dtype=_NP_DTYPES.get(node.type.dtype, np.float32)), node.type.dtype)
         return Tensor(node.type, node)
 
     def const(self, array, dtype: str, name: Optional[str] = None) -> Tensor:
@@ -512,6 +517,8 @@ def _reduce(ir_op: str):
         src = x
         if ir_op == "mean" and not x.type.is_float:
             src = cx.op("cast", x, dtype="f64")
+        elif ir_op == "amax" and x.type.dtype == "bool":  # any(): the max of 0s and 1s (kernels max numbers)
+            src = cx.op("cast", x, dtype="i32")
         out = cx.op(ir_op, src, dims=dims, keepdim=keepdims)
         return _cast(cx, out, x.type.dtype)
 

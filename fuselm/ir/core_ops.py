@@ -110,6 +110,9 @@ def _div_infer(types, attrs):
 
 register("div", _div_infer, _binary_reference(torch.div), inputs=(1, 2), pointwise=True)
 
+# the binary ops that also take one tensor and a `scalar` attribute
+SCALAR_FORM_OPS = frozenset(_BINARY_OPS) | {"div"}
+
 def _float_result(types, attrs):
     """Float functions of integers give f32, as in torch."""
     return types[0] if types[0].is_float or types[0].is_complex else types[0].with_dtype("f32")

@@ -13,7 +13,9 @@ Rules, in the order they matter:
    it for `causal=true`, whatever built the mask (a folded constant, tril/triu of
    `full`, arange comparisons; see 2b), SDPA's attn_mask too. Other masks stay the op's
    mask input, but one made of generators alone with a symbolic shape stays unfused (a
-   kernel with no inputs cannot size it).
+   kernel with no inputs cannot size it). The probabilities may be guarded as ONNX
+   exports of SDPA do, where(isnan(p), 0, p): fully masked rows give zeros, as the
+   attention op does.
 3. rope: x·cos + rotate_half(x)·sin, rotate_half written as cat(-x[..., h:], x[..., :h]),
    becomes `rope(x, cos, sin)`.
 4. rope into the cache ops: the keys a `kv_cache_write` stores and the queries a
@@ -84,7 +86,7 @@ def _attention(builder, m):
     if q.type.rank != 4 or m.old("kt").type.rank != 4:
         return None
     scale, mask = _scale(builder, m), _mask_input(builder, m)
-    if scale is None or mask is None:
+    if scale is None or mask is None or not _zero_guard(builder, m):
         return None
     k, v, gqa = _keys(builder, m), m.v, False
     k0, v0 = _unrepeated(m.old("k")), _unrepeated(m.old("v"))
@@ -98,6 +100,14 @@ def _attention(builder, m):
                       source=out.source)
 
 
+def _zero_guard(builder, m) -> bool:
+    """Whether the probabilities' NaN guard, if any, writes 0 (what attention gives a
+    fully masked row) and keeps their type."""
+    if "guard" not in m._bindings:
+        return True
+    return _scalar_value(builder, m.old("nan_fill")) == 0 and m.old("guard").type.same_as(m.old("probs").type)
+
+
 def _count(m, causal: bool) -> None:
     """The sub-rules of a fused attention, beside the rule's own count."""
     if any(name in m._bindings for name in ("q_scale", "k_scale", "kt_scale")):
@@ -106,6 +116,8 @@ def _count(m, causal: bool) -> None:
         counters["fuse_attention.fill_mask"] += 1
     if causal:
         counters["fuse_attention.causal_mask"] += 1
+    if "guard" in m._bindings:
+        counters["fuse_attention.nan_guard"] += 1
 
 
 def _reads_an_input(value) -> bool:
@@ -183,7 +195,9 @@ def _mask_input(builder, m):
         return None
     if node.op == "add":
         mask = node.inputs[1] if node.inputs[0] is logits else node.inputs[0]
-        return (m._mapped(mask),) if mask.type.is_float else None
+        if not mask.type.is_float:
+            return None
+        return _selected_bool_mask(builder, m, mask) or (m._mapped(mask),)
     if node.op == "masked_fill":
         cond, fill, keeps = node.inputs[1], node.attrs["value"], False
     else:  # where(keep, logits, fill) or where(hide, fill, logits)
@@ -195,6 +209,19 @@ def _mask_input(builder, m):
         return (m._mapped(cond) if keeps else _negated(builder, m, cond),)
     base = builder.op("full", shape=cond.type.shape, value=float(fill) if keeps else 0.0, dtype=logits.type.dtype)
     return (builder.op("masked_fill", base, m._mapped(cond), value=0.0 if keeps else float(fill)),)
+
+
+def _selected_bool_mask(builder, m, mask):
+    """An added where(keep, 0, -inf) (or where(hide, -inf, 0)) as the bool mask it
+    selects by, as ONNX exports spell SDPA's bool mask; None for other masks."""
+    if not (isinstance(mask, Node) and mask.op == "where"):
+        return None
+    cond, (on_true, on_false) = mask.inputs[0], (_scalar_value(builder, v) for v in mask.inputs[1:])
+    if (on_true, on_false) == (0, -math.inf):
+        return (m._mapped(cond),)
+    if (on_true, on_false) == (-math.inf, 0):
+        return (_negated(builder, m, cond),)
+    return None
 
 
 def _hides(value, scores_type) -> bool:
@@ -234,7 +261,10 @@ def _attention_patterns() -> list:
             Op("where", Any("mask"), lg, Any("fill"), bind="masked"),
             Op("where", Any("mask"), Any("fill"), lg, bind="masked"),
         ]
-    return [Op("matmul", Op("softmax", s, dim=3), Any("v"), bind="out") for s in masked]
+    probs = [Op("softmax", s, dim=3, bind="probs") for s in masked]
+    # ONNX exports of SDPA guard fully masked rows: where(isnan(p), 0, p), SDPA's own zeros
+    guarded = [Op("where", Op("isnan", Any("probs")), Any("nan_fill"), p, bind="guard") for p in probs]
+    return [Op("matmul", p, Any("v"), bind="out") for p in probs + guarded]
 
 
 # ----------------------------------------------------------------------------- 2b. causal masks

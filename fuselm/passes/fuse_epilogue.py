@@ -5,6 +5,9 @@ the gemm's `epilogue` (see `gemm` in ir/core_ops.py), so a chain like
 gemm -> add bias -> gelu -> add residual becomes one gemm in a few sweeps. The gated
 form silu(x·Wg) * (x·Wu) of two gemms over one input becomes one gemm over the
 concatenated weight [Wg; Wu] with the `gated_silu` step, which halves the columns.
+An activation of a reshaped gemm (GPT-2's Conv1D views its [B*S, N] rows as [B, S, N]
+before the GELU) is the reshape of the gemm with the activation: a pointwise op
+commutes with any reshape.
 """
 from __future__ import annotations
 
@@ -40,6 +43,16 @@ def _activation(step):
     return lambda builder, m: extend_epilogue(builder, m.g, step)
 
 
+def _through_view(rule):
+    """The rule's fused gemm, reshaped as the view between the gemm and the op was."""
+    def build(builder, m):
+        fused = rule(builder, m)
+        view = m.old("view")
+        return None if fused is None else builder.op("reshape", fused, shape=view.attrs["shape"], source=view.source)
+
+    return build
+
+
 def _silu(builder, m):
     """silu(gemm), unless it is the gate of a gated pair (that rule fuses both gemms)."""
     users = m.users.get(m.old("act"), [])
@@ -69,6 +82,13 @@ RULES = [
     Rule("silu", Op("silu", _gemm("g"), bind="act"), _silu),
     Rule("gelu", Op("gelu", _gemm("g"), approximate="none"), _activation("gelu")),
     Rule("gelu_tanh", Op("gelu", _gemm("g"), approximate="tanh"), _activation("gelu_tanh")),
+    # activation(reshape(gemm)) -> reshape(gemm + activation)
+    Rule("relu_of_view", Op("relu", Op("reshape", _gemm("g"), bind="view")), _through_view(_activation("relu"))),
+    Rule("silu_of_view", Op("silu", Op("reshape", _gemm("g"), bind="view"), bind="act"), _through_view(_silu)),
+    Rule("gelu_of_view", Op("gelu", Op("reshape", _gemm("g"), bind="view"), approximate="none"),
+         _through_view(_activation("gelu"))),
+    Rule("gelu_tanh_of_view", Op("gelu", Op("reshape", _gemm("g"), bind="view"), approximate="tanh"),
+         _through_view(_activation("gelu_tanh"))),
     # silu(x·Wg) * (x·Wu) -> one gemm over [Wg; Wu] with the gated epilogue
     Rule(
         "gated_silu",

@@ -117,23 +117,36 @@ def _group(nodes: list, root: Node, graph_inputs: list) -> KernelGroup:
         inputs = tuple(env[v] if v in inside else param(v) for v in node.inputs)
         attrs = dict(node.attrs, layer=0) if cache_layer is not None else node.attrs
         env[node] = builder.op(node.op, *inputs, **attrs)
-    for value in _size_sources(nodes, tuple(params), graph_inputs):
+    sources = _size_sources(_whole_products(builder.build([env[root]])), graph_inputs)
+    for value in sources:
         param(value)
     graph = canonical_symbols(builder.build([env[root]]))
     return KernelGroup(graph, tuple(params), root, cache_layer, tuple(nodes))
 
 
-def _size_sources(nodes: list, params: tuple, graph_inputs: list) -> list:
+def _size_sources(group: Graph, graph_inputs: list) -> list:
     """Graph inputs that give the sizes a kernel needs and its inputs do not (a mask built
-    from `arange(T)` alone): passed as extra inputs, read for their shapes only."""
-    known = set().union(*(v.type.symbols for v in params))
-    needed = set().union(*(n.type.symbols | _attr_symbols(n) for n in nodes)) - known
+    from `arange(T)` alone, a [B, S] view of [B*S] rows): passed as extra inputs, read for
+    their shapes only."""
+    known = set().union(*(_readable_symbols(v.type) for v in group.inputs))
+    needed = set().union(*(n.type.symbols | _attr_symbols(n) for n in group.nodes)) - known
     sources = []
     for value in graph_inputs:
         if needed & value.type.symbols:
             sources.append(value)
             needed -= value.type.symbols
     return sources
+
+
+def _readable_symbols(ir_type) -> set:
+    """The symbols a kernel can read from a tensor of this type's shape: a bare dim, or an
+    expression of one symbol (N+1); not the factors of a product (batch*sequence)."""
+    found: set = set()
+    for dim in ir_type.shape:
+        symbols = getattr(dim, "free_symbols", set())
+        if len(symbols) == 1:
+            found |= symbols
+    return found
 
 
 def _attr_symbols(node: Node) -> set:
@@ -146,7 +159,9 @@ def _attr_symbols(node: Node) -> set:
 
 def canonical_symbols(graph: Graph) -> Graph:
     """Rename symbolic dims n0, n1, ... by first appearance in the inputs, so a kernel's
-    identity does not depend on what the model called its dimensions (T or R rows)."""
+    identity does not depend on what the model called its dimensions (T or R rows).
+    A product the group only ever sees whole is one dim first (see `_whole_products`)."""
+    graph = _whole_products(graph)
     order: list = []
     for value in graph.inputs:
         for dim in value.type.shape:
@@ -154,6 +169,23 @@ def canonical_symbols(graph: Graph) -> Graph:
                 if sym not in order:
                     order.append(sym)
     return substitute_symbols(graph, {sym: symbol(f"n{i}") for i, sym in enumerate(order)})
+
+
+def _whole_products(graph: Graph) -> Graph:
+    """A dim like batch*sequence whose symbols appear nowhere else in the group (a gemm on
+    `view(-1, D)` rows) becomes one symbol: the kernel is the one any [M, D] input gets,
+    and its size is read from the input's shape (from a product, it could not split it)."""
+    inputs = {dim for v in graph.inputs for dim in v.type.shape}
+    products = [d for d in inputs if not isinstance(d, int) and d.is_Mul and len(d.free_symbols) > 1]
+    for at, product in enumerate(sorted(products, key=str)):
+        parts = product.free_symbols
+        if any(d != product and parts & getattr(d, "free_symbols", set()) for d in inputs):
+            continue
+        merged = substitute_symbols(graph, {product: symbol(f"_whole{at}")})
+        if not parts & (set().union(*(v.type.symbols for v in [*merged.inputs, *merged.nodes]))
+                        | set().union(*(_attr_symbols(n) for n in merged.nodes))):
+            graph = merged
+    return graph
 
 
 def _cache_input(node: Node) -> Value:

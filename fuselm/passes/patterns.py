@@ -9,13 +9,15 @@ orders of a binary op.
 `rewrite(graph, rules, name)` walks the graph in order, again until nothing changes (it
 returns the same graph object when no rule fired). At each node it tries the rules
 whose root op matches; interior matched nodes must have no user outside the match (else
-fusing would compute them twice). The first rule that matches and whose builder returns
+fusing would compute them twice); one matched node may feed several matched ones, as
+softmax feeds both the isnan and the where of `where(isnan(p), 0, p)`. The first rule that matches and whose builder returns
 something wins; a builder returns the value replacing the root, or a dict
 {old node: new value} replacing several nodes at once (e.g. a fused norm standing for
 both the add and the norm). Replaced nodes are left behind for dead-code elimination.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -175,9 +177,9 @@ def _try_rules(rules, node, uses, users, builder, mapped, pass_name) -> Optional
         bindings, nodes = {}, []
         if not match(rule.pattern, node, bindings, nodes):
             continue
-        interior = [n for n in nodes if n is not node]
-        if any(uses.get(n, 0) != 1 for n in interior):
-            continue
+        reads = Counter(value for n in nodes for value in n.inputs)
+        if any(uses.get(n, 0) != reads[n] for n in nodes if n is not node):
+            continue  # an interior node read outside the match (or a graph output)
         result = rule.build(builder, Match(bindings, nodes, mapped, users))
         if result is None:
             continue

@@ -71,8 +71,10 @@ def lower_attention(ctx: Lowering, node, args):
     masked = _masked(node, args, scores, scale)
     j = te.reduce_axis((0, Sk), name="j")
     peak = te.compute((B, H, S), lambda b, h, i: te.max(masked(b, h, i, j), axis=j), name=f"{name}_max")
-    probs = te.compute((B, H, S, Sk), lambda b, h, i, j: fastmath.exp(masked(b, h, i, j) - peak[b, h, i]),
-                       name=f"{name}_probs_kept")
+    # a row with every key hidden (peak -inf) has probabilities 0 and gives 0, as SDPA
+    probs = te.compute((B, H, S, Sk), lambda b, h, i, j: tirx.Select(
+        peak[b, h, i] > const(-math.inf, peak[b, h, i]), fastmath.exp(masked(b, h, i, j) - peak[b, h, i]),
+        const(0.0, peak[b, h, i])), name=f"{name}_probs_kept")
     j2 = te.reduce_axis((0, Sk), name="j")
     total = te.compute((B, H, S), lambda b, h, i: te.sum(probs[b, h, i, j2], axis=j2), name=f"{name}_sum")
     j3 = te.reduce_axis((0, Sk), name="j")
@@ -83,7 +85,9 @@ def lower_attention(ctx: Lowering, node, args):
 
     numerator = te.compute((B, H, S, Dv), weighted, name=f"{name}_num")
     ctx.refinements.append(lambda sch: refine(sch, name, lanes))
-    return ctx.compute(node, lambda b, h, i, e: numerator[b, h, i, e] / total[b, h, i], name=name)
+    return ctx.compute(node, lambda b, h, i, e: tirx.Select(total[b, h, i] > const(0.0, total[b, h, i]),
+                                                            numerator[b, h, i, e] / total[b, h, i],
+                                                            const(0.0, total[b, h, i])), name=name)
 
 
 def _masked(node, args, scores, scale: float):
@@ -294,6 +298,8 @@ def tiled_func(node, parallel: bool = True):
                     fresh[qi] = T.float32(0.0)
                     for l in range(HALF):
                         fresh[qi] = fresh[qi] + total[qi, l]
+                    if fresh[qi] == T.float32(0.0):  # every key hidden: 0, as SDPA gives
+                        fresh[qi] = T.float32(1.0)
                     for d in T.vectorized(DVAL):
                         out[b, h, q0 + qi, d] = T.Cast(q_dt, acc[qi, d] / fresh[qi])
 

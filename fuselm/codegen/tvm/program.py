@@ -192,7 +192,7 @@ class ProgramBuilder:
                 env[name] = self.bb.emit(relax.TupleGetItem(weights, at))
             for step in self.steps:
                 if isinstance(step, ViewStep):
-                    env[step.node] = self._view(step.node, env[step.node.inputs[0]], step.node.inputs[0].type)
+                    env[step.node] = self._view(step.node, self._read(step.node.inputs[0], env), step.node.inputs[0].type)
                 else:
                     env[step.result] = self._kernel_step(step, env)
             outputs = [self._materialized(self._read(v, env)) for v in self.graph.outputs]
