@@ -47,7 +47,7 @@ from .passes.partition import KernelGroup, partition
 from .passes.quantize import quantization_passes
 from .quant.config import PACKED, QuantizeConfig, quantize_config
 from .runtime.compiled_graph import CompiledGraph, KernelInfo  # noqa: F401  (KernelInfo: re-exported)
-from .runtime.executor import interpreted_kernel
+from .runtime.executor import FALLBACK_PREFIX, fallback_kernel
 from .target import Target, get_target
 
 # "captures": graphs captured by compile (tests read it to prove a call reused a graph)
@@ -223,9 +223,7 @@ class CompiledModule:
         self.entries.append(entry)
         if entry.fallbacks and not self._warned:
             self._warned = True
-            listed = ", ".join(f"{op} x{n}" for op, n in sorted(entry.fallbacks.items()))
-            warnings.warn(FallbackWarning(f"fuselm.compile: ops without a generated kernel run by torch or "
-                                          f"the IR reference: {listed}"), stacklevel=4)
+            warn_fallbacks(entry.fallbacks, stacklevel=5)
         return entry
 
     def _dynamic_spec(self, signature: CallSignature, seen: list) -> Optional[dict]:
@@ -273,6 +271,14 @@ def compile_graph(model: torch.nn.Module, signature: CallSignature, tensors: tup
     state = {name: functools.partial(model.get_buffer, buffer) for name, buffer in captured.state.items()}
     return CompiledGraph(graph, steps, launches, fallbacks, signature, output, target, training, program,
                          captured.guards, captured.updates, state)
+
+
+def warn_fallbacks(fallbacks: Counter, stacklevel: int) -> None:
+    """The FallbackWarning listing a compiled graph's fallbacks (`stacklevel` as warnings.warn
+    counts it from here: the caller of fuselm.compile's code)."""
+    listed = ", ".join(f"{op} x{n}" for op, n in sorted(fallbacks.items()))
+    warnings.warn(FallbackWarning(f"fuselm.compile: ops without a generated kernel run by torch or the IR "
+                                  f"reference: {listed}"), stacklevel=stacklevel)
 
 
 def generate(graph: Graph, options: CompileOptions, cache: KernelCache) -> tuple:
@@ -381,7 +387,7 @@ def _kernel(group: KernelGroup, cache: KernelCache, strict: bool, fallbacks: Cou
              if not get_op(n.op).view]
     name = "+".join(dict.fromkeys(names)) or "copy"
     fallbacks[name] += 1
-    return Kernel(f"fallback_{name}", cache.target.name, "", "", interpreted_kernel(group), ops=group.ops)
+    return fallback_kernel(group, cache.target.name, f"{FALLBACK_PREFIX}{name}")
 
 
 def _torch_only(group: Graph) -> bool:

@@ -95,7 +95,7 @@ class CompiledOnnxModel(OnnxCalls):
     def __init__(self, model, options, cache, opset_check: bool = True, specialize=None):
         """`opset_check` and `specialize` go to `import_onnx` (the ONNX backend,
         fuselm/onnx_backend.py, fixes shape arguments that are graph inputs with them)."""
-        from .api import generate
+        from .api import generate, warn_fallbacks
         from .frontend.onnx import import_onnx
         from .passes import run_passes
 
@@ -105,6 +105,8 @@ class CompiledOnnxModel(OnnxCalls):
             graph = run_passes(imported.graph, self.target.passes(options.donate_weights, None, None, options.pack),
                                dump_dir=options.dump_dir)
         steps, launches, fallbacks, program = generate(graph, options, cache)
+        if fallbacks:
+            warn_fallbacks(fallbacks, stacklevel=4)
         parameters = inspect.Signature([inspect.Parameter(value.name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                                         for value in imported.graph.inputs])
         signature, _ = CallSignature.of(None, tuple(_example(v.type) for v in graph.inputs), {}, parameters)

@@ -117,3 +117,40 @@ def test_the_command_line_prints_builds_and_loads_an_onnx_file(tmp_path, capsys)
         fuselm.LLM(model=str(tmp_path / "art"))
     assert main(["build", path, "-o", str(tmp_path / "q"), "--quantize", "int8"]) == 2
     assert "--quantize applies to models fuselm loads, not to ONNX graphs" in capsys.readouterr().err
+
+
+def test_an_artifact_keeps_a_group_no_kernel_takes_as_a_fallback(tmp_path, monkeypatch):
+    """A group no emitter takes runs through the IR reference in the compiled model; the
+    artifact lists it as a fallback, holds no code for it, and runs it the same way (in
+    its program too)."""
+    from onnx import TensorProto, helper
+
+    from fuselm.codegen.tvm import lowering
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])
+    nodes = [helper.make_node("Sin", ["x"], ["s"]), helper.make_node("Relu", ["s"], ["r"]),
+             helper.make_node("Softmax", ["r"], ["p"], axis=-1), helper.make_node("Add", ["p", "x"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "sin.onnx"
+    path.write_bytes(model.SerializeToString())
+    monkeypatch.setitem(lowering.LOWER, "sin", None)  # no cpu kernel computes sin now
+    monkeypatch.delitem(lowering.LOWER, "sin")
+    monkeypatch.setenv("FUSELM_PROGRAM", "1")  # a program even for this small graph
+    cache = str(tmp_path / "kernels")
+    with pytest.warns(fuselm.FallbackWarning, match="sin"):
+        compiled = fuselm.compile(str(path), target="cpu", cache_dir=cache)
+    from fuselm.artifact import build
+
+    build(str(path), tmp_path / "art", cache_dir=cache, progress=False)
+    artifact = fuselm.load(tmp_path / "art")
+    listed = {k["name"]: k for k in artifact.manifest["kernels"]}
+    fallback = next(k for name, k in listed.items() if name.startswith("fallback_"))
+    assert fallback["fallback"] is True and fallback["source"] is None
+    assert not (tmp_path / "art" / "kernels" / fallback["key"]).exists()
+    assert artifact.fallbacks == compiled.fallbacks and sum(compiled.fallbacks.values()) == 1
+    assert artifact._compiled.program is not None
+    t = torch.randn(5, 8)
+    expected = torch.softmax(torch.relu(torch.sin(t)), -1) + t
+    torch.testing.assert_close(compiled(t)[0], expected)
+    torch.testing.assert_close(artifact(t)[0], expected)

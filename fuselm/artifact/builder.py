@@ -11,6 +11,10 @@ LM contract with symbolic token, sequence and block counts; an encoder (BERT) on
 passes, kernels, from the kernel cache), copy the kernels, write the weights, write the
 graph, tokenizer and manifest; a progress bar shows them on a terminal.
 
+Fallbacks (ATen ops the IR has no mapping for, groups no kernel takes) are kept: the
+graph holds their `aten` nodes, the manifest lists them, and loading runs them through
+the IR reference (torch), as the compiled model did.
+
 A cuda artifact can be built on a machine without a GPU: building generates the Triton
 sources and runs none of them. `mcpu="generic"` builds cpu kernels for any x86-64 with
 AVX2 instead of this machine's CPU. `quantize=` (a scheme of quant/config.py) quantizes
@@ -70,10 +74,6 @@ def build(model: Union[str, Path], output: Union[str, Path], *, target: Union[st
             compiled = compile_lm(loaded, emitting, DEFAULT_BLOCK_SIZE, target.default_dtype, cache_dir,
                                   donate_weights=True, quantize=quantize, pack=not causal)  # encoders: packed
             graph, config, tokenizer = compiled.entries[-1], loaded.config, loaded.tokenizer
-        if graph.fallbacks:
-            listed = ", ".join(f"{op} x{n}" for op, n in sorted(graph.fallbacks.items()))
-            raise ArtifactError(f"{model}: {listed} run without generated kernels (fallbacks), and an artifact holds "
-                                "generated kernels only: this model cannot be built into one yet")
         source = model if isinstance(model, str) and not Path(model).exists() else str(Path(model).absolute())
         description = describe(graph, source=source, config=config, machine=requirements(target, mcpu),
                                dtype=target.default_dtype, max_model_len=max_model_len,

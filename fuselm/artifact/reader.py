@@ -31,6 +31,7 @@ from ..ir.text import IRParseError, parse
 from ..passes.partition import KernelGroup, partition
 from ..onnx_model import OnnxCalls, OnnxGraphConfig
 from ..runtime.compiled_graph import CompiledGraph, DescribesCompiledGraph
+from ..runtime.executor import FALLBACK_PREFIX, fallback_kernel
 from ..target import Target, get_target
 from .codec import decode_output, decode_signature
 from .format import GRAPH, KERNELS, TOKENIZER, WEIGHTS, rebuild_command
@@ -67,7 +68,9 @@ def _compiled_graph(directory: Path, manifest: dict, target: Target) -> Compiled
     steps = partition(graph)
     launches = _load_kernels(directory, manifest, target, steps, rebuild)
     program = _load_program(directory, manifest, target, graph, steps, rebuild)
-    return CompiledGraph(graph, steps, launches, Counter(), decode_signature(manifest["signature"]),
+    fallbacks = Counter(kernel.name.removeprefix(FALLBACK_PREFIX) for _, kernel in launches
+                        if kernel.name.startswith(FALLBACK_PREFIX))
+    return CompiledGraph(graph, steps, launches, fallbacks, decode_signature(manifest["signature"]),
                          decode_output(manifest["output"]), target, program=program)
 
 
@@ -95,6 +98,8 @@ def _load_kernels(directory: Path, manifest: dict, target: Target, steps: list, 
             if key not in listed:
                 raise ArtifactError(f"{directory / GRAPH} needs a kernel for [{' '.join(group.ops)}] (key {key}), "
                                     f"which {directory / KERNELS} does not hold; rebuild it: `{rebuild}`")
+            if key not in kernels and listed[key].get("fallback"):  # the IR reference runs it, as at build
+                kernels[key] = fallback_kernel(group, target.name, listed[key]["name"])
             if key not in kernels:
                 try:
                     kernels[key] = keys.backend.load(group.graph, directory / KERNELS / key)

@@ -23,6 +23,7 @@ from ..integrity import verify_manifest, write_manifest
 from ..ir.text import print_graph
 from ..passes.partition import KernelGroup
 from ..runtime.compiled_graph import CompiledGraph
+from ..runtime.executor import FALLBACK_PREFIX
 from .codec import encode_output, encode_signature
 from .format import FORMAT, GRAPH, KERNELS, MANIFEST, PROGRAM, TOKENIZER, WEIGHTS, is_artifact
 from .weights import write_weights
@@ -106,13 +107,20 @@ def _copy_entry(cache: KernelCache, key: str, copy: Path) -> dict:
 
 
 def _copy_kernels(compiled: CompiledGraph, cache: KernelCache, directory: Path) -> list:
+    """Each distinct kernel's entry; a fallback (a group the IR reference runs: `aten`
+    ops, or ops no emitter takes) is listed with "fallback": true and has no files."""
     sources = {info.name: info.source_path for info in compiled.kernels}
+    run_by = {id(group): kernel for group, kernel in compiled.launches}
     launches = Counter()
     kernels: dict = {}
     for group in (step for step in compiled.steps if isinstance(step, KernelGroup)):
         key = cache.key(group.graph)
         launches[key] += 1
         if key in kernels:
+            continue
+        if run_by[id(group)].name.startswith(FALLBACK_PREFIX):
+            kernels[key] = {"key": key, "name": run_by[id(group)].name, "ops": list(group.ops), "source": None,
+                            "fallback": True}
             continue
         marker = _copy_entry(cache, key, directory / KERNELS / key)
         source = sources.get(marker["name"])

@@ -95,6 +95,11 @@ class CompiledGraph:
         return rebuild_output(self.output.spec, self.output.constants, results[: self._user_outputs], sizes)
 
     @property
+    def launches(self) -> list:
+        """[(group, Kernel)] in launch order."""
+        return list(self._launches)
+
+    @property
     def kernels(self) -> list:
         counts = Counter(kernel.name for _, kernel in self._launches)
         seen, infos = set(), []

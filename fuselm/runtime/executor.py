@@ -87,6 +87,17 @@ def _reads(step) -> tuple:
     return (step.node.inputs[0],) if isinstance(step, ViewStep) else step.args
 
 
+FALLBACK_PREFIX = "fallback_"  # a fallback kernel's name: this, then what `compiled.fallbacks` counts
+
+
+def fallback_kernel(group: KernelGroup, target: str, name: str):
+    """The Kernel of a group no generated kernel computes (fallback ops, or ops no
+    emitter takes): the IR reference runs it (torch for `aten` nodes)."""
+    from ..codegen.kernel import Kernel
+
+    return Kernel(name, target, "", "", interpreted_kernel(group), ops=group.ops)
+
+
 def interpreted_kernel(group: KernelGroup) -> Callable:
     """A kernel that runs the group with the reference interpreter (the oracle)."""
     from ..ir.interpreter import interpret
