@@ -5,7 +5,8 @@ The schedule, in order:
 1. every intermediate injective compute is inlined into its readers, so a chain of
    views and pointwise ops becomes one loop nest that reads the inputs once;
 2. the output's leading dims are fused into one parallel loop (2 cores), its last dim
-   is split by the vector width and vectorized when it divides;
+   is split by the vector width and vectorized when it divides (a single dim read by a
+   reduction over an outer dim: in rows of 4 vectors, so it accumulates 4 at once);
 3. each reduction whose result is indexed first by those leading dims (softmax's row
    max and sum, a mean over the last dim, attention's row of scores) is computed
    inside the parallel loop, row by row, while the row is in cache; any other
@@ -35,6 +36,7 @@ LOWERING_MODULES = (attention, varlen_lowering)  # their imports add attention, 
 OPS = tuple(LOWER)
 _REDUCE = 2  # IterVar.CommReduce
 KEEP = "_kept"  # a compute named so is materialized (per row), not inlined
+_ROW_VECTORS = (4,)  # vectors per row of a one-dim output (its reductions: independent accumulators)
 
 
 def generate(group: Graph) -> tuple:
@@ -94,7 +96,8 @@ def schedule(sch: s_tir.Schedule, parallel: bool = True) -> None:
             except ScheduleError:
                 pass  # stays a loop nest of its own, scheduled below
     (out,) = [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint in output_names]
-    rows, vector = _split_output(sch, out)
+    columns = any(sch.get(b).name_hint not in output_names and _unit_last(sch, b) for b in sch.get_child_blocks(root))
+    rows, vector = _split_output(sch, out, wide=columns and not lane_blocks)
     out_shape = _shape_without_ones(sch.get(out).writes[0].source.shape)
     row_shape = out_shape[:-1] if len(out_shape) > 1 else out_shape
     vector_sums = []
@@ -173,8 +176,17 @@ def _rows_are_chunks(sch, root, output_names: set) -> bool:
     return not (last is not None and last % lanes == 0 and last >= lanes)
 
 
-def _split_output(sch, block):
-    """Fuse the output's leading spatial loops (the rows), split its last for vectors."""
+def _unit_last(sch, block) -> bool:
+    """Whether a block's last iter var is a unit reduce axis: the lowering's mark of a
+    reduction over an outer dim, read by rows (lowering.py's `by_rows`)."""
+    iter_vars = sch.get(block).iter_vars
+    return bool(iter_vars) and iter_vars[-1].iter_type == _REDUCE and _static(iter_vars[-1].dom.extent) == 1
+
+
+def _split_output(sch, block, wide: bool = False):
+    """Fuse the output's leading spatial loops (the rows), split its last for vectors.
+    `wide`: a single dim comes in rows of a few vectors (a reduction over an outer dim
+    computed per row then accumulates that many vectors at once)."""
     loops = sch.get_loops(block)
     spatial = [lp for lp, iv in zip(loops, sch.get(block).iter_vars) if iv.iter_type != _REDUCE]
     if not spatial:
@@ -184,7 +196,12 @@ def _split_output(sch, block):
         return sch.fuse(*spatial), None
     last = _static(sch.get(spatial[-1]).extent)
     vector = None
-    if last is not None and last % lanes == 0 and last > lanes:
+    vectors = next((v for v in _ROW_VECTORS if wide and len(spatial) == 1 and last is not None
+                    and last % (v * lanes) == 0 and last > v * lanes), 1)
+    if vectors > 1:  # a single dim: rows of a few vectors (a reduction computed per row gets that many)
+        outer, middle, vector = sch.split(spatial[-1], [None, vectors, lanes])
+        spatial = [outer, middle]
+    elif last is not None and last % lanes == 0 and last > lanes:
         spatial[-1], vector = sch.split(spatial[-1], [None, lanes])
     elif last == lanes:
         vector = spatial.pop()

@@ -492,26 +492,106 @@ def _reduce_over(ctx: Lowering, node, dims: list, read, reducer, dtype: str, nam
     """reducer over `dims` of the node's input, `read(index)` giving each element in
     `dtype`; shaped as the node's output (keepdim as its attrs say). `by_rows`: an outer
     dim's reduction gets a unit reduce axis innermost, which keeps the generic schedule's
-    lane split (a gather of a column per lane) off it, so `_read_rows` applies."""
+    lane split (a gather of a column per lane) off it, so `_read_rows` applies. A
+    reduction to one value takes two stages (`_reduce_all`)."""
     x_type, keepdim = node.inputs[0].type, node.attrs.get("keepdim", False)
+    if all(isinstance(d, int) and d == 1 for d in node.type.shape):
+        return _reduce_all(ctx, node, dims, read, reducer, dtype, name)
     axes = [te.reduce_axis((0, ctx.dims(x_type.shape[d])), name=f"r{d}") for d in dims]
-    at, over = list(axes), list(axes)  # the index of each reduced dim, the reduction's axes
+    over = list(axes)
     if by_rows and len(dims) == 1 and dims[0] != x_type.rank - 1:
         over.append(te.reduce_axis((0, 1), name="unit"))
-    lanes, last = vector_lanes(), x_type.shape[dims[-1]] if dims else None
-    if all(isinstance(d, int) and d == 1 for d in node.type.shape) and isinstance(last, int) and last % lanes == 0:
-        # to one value: TVM's rfactor (the generic schedule's lane split) fails on such a
-        # block, so its innermost axis comes in pieces of one vector, which it leaves be
-        outer, inner = te.reduce_axis((0, last // lanes), name="ro"), te.reduce_axis((0, lanes), name="ri")
-        at[-1], over[-1:] = outer * lanes + inner, [outer, inner]
 
     def value(*i):
-        return reducer(cast(read(_full_index(x_type.rank, dims, i, at, keepdim)), dtype), axis=over)
+        return reducer(cast(read(_full_index(x_type.rank, dims, i, axes, keepdim)), dtype), axis=over)
 
     total = te.compute(ctx.shape(node.type), value, name=name)
     if len(dims) == 1 and dims[0] != x_type.rank - 1:
         _read_rows(ctx, name)
     return total
+
+
+_CHUNKS = 16  # a reduction to one value first reduces about this many chunks (a few per thread)
+
+
+def _chunking(extent) -> tuple:
+    """(chunks, extent of a chunk, whether the last chunk is short) for a dim of `extent`."""
+    if not isinstance(extent, int):
+        return _CHUNKS, tirx.floordiv(extent + _CHUNKS - 1, _CHUNKS), True
+    if extent <= _CHUNKS:
+        return extent, 1, False
+    exact = max(d for d in range(1, _CHUNKS + 1) if extent % d == 0)
+    if exact >= _CHUNKS // 2:
+        return exact, extent // exact, False
+    size = -(-extent // _CHUNKS)
+    return -(-extent // size), size, True
+
+
+def _reduce_all(ctx: Lowering, node, dims: list, read, reducer, dtype: str, name: str) -> te.Tensor:
+    """A reduction to one value in two stages: partial results of chunks of one dim (the
+    largest; parallel over chunks), each a vector of `width` partials along the last dim
+    when it is a static multiple of the vector width (several vector accumulators, the
+    input read in order), then the reduction of the partials (a few hundred values).
+    Dims that are not reduced have size 1. The chunked dim may be the last dim's quotient
+    by `width`; when its chunks are uneven, the short chunk's missing elements are the
+    reducer's identity (te's `where` does not survive create_prim_func), read only inside."""
+    x_type = node.inputs[0].type
+    extents = [x_type.shape[d] for d in dims]
+    lanes, last = vector_lanes(), extents[-1]
+    width = next((w for w in (4 * lanes, 2 * lanes, lanes) if isinstance(last, int) and last % w == 0), 1)
+    outer = extents[:-1] + [last // width if width > 1 else last]  # the reduced loops outside the lanes
+    # the chunked one: the largest, a symbolic one first (a sequence length)
+    k = max(range(len(outer)), key=lambda j: (True, 0) if not isinstance(outer[j], int) else (False, outer[j]))
+    extent_k = ctx.dims(outer[k])
+    chunks, size, short = _chunking(outer[k] if isinstance(outer[k], int) else extent_k)
+    axes = [te.reduce_axis((0, size if j == k else ctx.dims(e)), name=f"r{j}") for j, e in enumerate(outer)]
+    unit = te.reduce_axis((0, 1), name="unit")  # keeps the generic schedule's lane split off
+
+    def partial(p, lane):
+        at = list(axes)
+        at[k] = p * size + axes[k]
+        inside = at[k] < extent_k
+        if width > 1:
+            at[-1] = at[-1] * width + lane
+        index = [0] * x_type.rank
+        for d, j in zip(dims, at):
+            index[d] = j
+        element = cast(read(index), dtype)
+        if short:
+            identity = reducer(element, axis=[*axes, unit]).combiner.identity_element[0]
+            element = tirx.if_then_else(inside, element, identity)  # (reads nothing past the end)
+        return reducer(element, axis=[*axes, unit])
+
+    chunk_name = f"{name}_chunks"
+    parts = te.compute((chunks, width), partial, name=chunk_name)
+    q, lane, unit2 = (te.reduce_axis((0, chunks), name="q"), te.reduce_axis((0, width), name="lane"),
+                      te.reduce_axis((0, 1), name="unit"))
+    total = te.compute(ctx.shape(node.type), lambda *i: reducer(parts[q, lane], axis=[q, lane, unit2]), name=name)
+    ctx.refinements.append(functools.partial(_vectorize_chunks, name=chunk_name, width=width))
+    return total
+
+
+def _vectorize_chunks(sch, name: str, width: int) -> None:
+    """`_reduce_all`'s first stage: per chunk, the reduced loops outside the lanes, which
+    are vectorized (several vectors: unrolled, independent accumulators)."""
+    block = sch.get_sblock(name)
+    own = sch.get_loops(block)[-len(sch.get(block).iter_vars):]
+    lane, reduced = own[1], own[2:]
+    lanes = vector_lanes()
+    try:
+        if width > 1:
+            sch.reorder(*reduced, lane)
+            vectors = None
+            if width > lanes:
+                vectors, lane = sch.split(lane, [None, lanes])
+            sch.vectorize(lane)
+            if vectors is not None:
+                sch.unroll(vectors)
+        init = sch.decompose_reduction(block, reduced[0])
+        if width > 1:
+            sch.vectorize(sch.get_loops(init)[-1])
+    except ScheduleError:
+        pass  # each step keeps the nest correct: what applied stays
 
 
 def _off_the_output(total: te.Tensor, dims: list, dtype: str, name: str) -> te.Tensor:
@@ -532,11 +612,15 @@ def _count(ctx: Lowering, node, dims: list, dtype: str):
 _REDUCERS = {"sum": te.sum, "mean": te.sum, "amax": te.max, "amin": te.min}
 
 
+_ROW_VECTORS = (4, 2)  # vectors of outputs `_read_rows` accumulates at once (the most that divide)
+
+
 def _read_rows(ctx: Lowering, name: str) -> None:
     """A reduction over an outer dim (the last one kept) reads one strided column per
     output in the generic schedule. This refinement takes a vector of outputs at a time
     instead (the loop just outside the reduced one, split by the vector width), with the
-    reduced loop moved outside it: the input is read by rows, into vector accumulators."""
+    reduced loop moved outside it: the input is read by rows, into vector accumulators
+    (up to 4 vectors of adjacent outputs, unrolled: independent chains of adds)."""
     def refine(sch):
         block = sch.get_sblock(name)
         loops, reduced = sch.get_loops(block), sum(iv.iter_type == _REDUCE for iv in sch.get(block).iter_vars)
@@ -544,14 +628,21 @@ def _read_rows(ctx: Lowering, name: str) -> None:
             return
         spatial, inner_loops = loops[-reduced - 1], loops[-reduced:]
         lanes = vector_lanes()
+        extent = sch.get(spatial).extent
+        vectors = next((v for v in _ROW_VECTORS if _static(extent) and extent.value % (v * lanes) == 0), 1)
         try:
-            if _static(sch.get(spatial).extent, above=lanes):
+            if _static(extent, above=lanes):
                 was_parallel = sch.get(spatial).kind == tirx.ForKind.PARALLEL
-                outer, spatial = sch.split(spatial, [None, lanes])
+                outer, *split = sch.split(spatial, [None, vectors, lanes] if vectors > 1 else [None, lanes])
                 if was_parallel:
                     sch.parallel(outer)
-            sch.reorder(*inner_loops, spatial)
+                *vectors_loop, spatial = split
+            else:
+                vectors_loop = []
+            sch.reorder(*inner_loops, *vectors_loop, spatial)
             sch.vectorize(spatial)  # before the init is split off: the update alone is no reduction block
+            for loop in vectors_loop:  # independent vector accumulators
+                sch.unroll(loop)
             init = sch.decompose_reduction(block, inner_loops[0])
             sch.vectorize(sch.get_loops(init)[-1])
         except ScheduleError:
@@ -576,6 +667,13 @@ def _order_key(x, nan_first: bool):
     key = tirx.bitwise_xor(bits, tirx.bitwise_and(tirx.shift_right(bits, const(width - 1, bits)), magnitude))
     nan = tirx.bitwise_and(bits, magnitude) > tirx.reinterpret(dtype_of(bits), const(math.inf, x))
     return tirx.Select(nan, tirx.min_value(dtype_of(bits)) if nan_first else top, key)
+
+
+def _isnan(x):
+    """isnan by the bits (|x| above inf's), which vectorizes (TVM scalarizes a loop with isnan)."""
+    bits = tirx.reinterpret(dtype_of(x).replace("float", "int"), x)
+    magnitude = const((1 << (int(dtype_of(bits)[3:]) - 1)) - 1, bits)
+    return tirx.bitwise_and(bits, magnitude) > tirx.reinterpret(dtype_of(bits), const(math.inf, x))
 
 
 def _from_order_key(key, dtype: str):
@@ -607,7 +705,8 @@ def _reduce(ctx: Lowering, node, args):
     dtype, dims = tir_dtype(node.type.dtype), _reduced_dims(node)
     work = accumulator(dtype) if node.op in ("sum", "mean") else dtype
     name = ctx.name(node.op)
-    total = _reduce_over(ctx, node, dims, lambda index: args[0](*index), _REDUCERS[node.op], work, name)
+    total = _reduce_over(ctx, node, dims, lambda index: args[0](*index), _REDUCERS[node.op], work, name,
+                         by_rows=True)
     if node.op != "mean" and work == dtype:
         return _off_the_output(total, dims, dtype, f"{name}_{node.op}")
     count = _count(ctx, node, dims, work) if node.op == "mean" else tirx.const(1, work)
@@ -639,45 +738,52 @@ def _var(ctx: Lowering, node, args):
 @lowers("argmax", "argmin")
 def _argmax(ctx: Lowering, node, args):
     """The first index of the largest (smallest) value, NaN above all (as torch), in
-    plain reductions that vectorize (a reducer of (index, value) pairs does not): for
-    floats whether the row holds a NaN, then its best value, then the first index
-    holding NaN or that value."""
+    plain reductions that vectorize (a reducer of (index, value) pairs does not): the
+    best value (of floats by `_order_key`s, NaN the best, so a row of -inf has its
+    argmax), then the first index holding that value (NaN when it is the best)."""
     x_type, keepdim = node.inputs[0].type, node.attrs.get("keepdim", False)
     dim, dtype = node.attrs["dim"] % x_type.rank, tir_dtype(x_type.dtype)
     name, floats = ctx.name(node.op), node.inputs[0].type.is_float
-    worst = -math.inf if node.op == "argmax" else math.inf
     best = te.max if node.op == "argmax" else te.min
-    if floats:  # from +-inf, not te's largest finite value: a row of -inf has its argmax
-        pick = tirx.max if node.op == "argmax" else tirx.min
-        best = te.comm_reducer(lambda a, b: pick(a, b), lambda t: tirx.const(worst, t), name=f"{node.op}_value")
 
     def x(index):
         return as_expr(args[0](*index))
 
     def reduce(body, reducer, dtype: str, suffix: str) -> te.Tensor:
-        return _reduce_over(ctx, node, [dim], lambda index: body(index), reducer, dtype, f"{name}_{suffix}")
+        return _reduce_over(ctx, node, [dim], lambda index: body(index), reducer, dtype, f"{name}_{suffix}",
+                            by_rows=True)
 
     def at_output(tensor, index):  # `tensor` (output-shaped) at the output index of an input index
         return tensor(*[0 if d == dim else j for d, j in enumerate(index) if keepdim or d != dim])
 
-    nan = reduce(lambda i: tirx.isnan(x(i)).astype("int8"), te.max, "int8", "nan") if floats else None
-    plain = (lambda i: tirx.Select(tirx.isnan(x(i)), const(worst, x(i)), x(i))) if floats else x
-    value = reduce(plain, best, dtype, "value")
+    if floats:  # the best by `_order_key`s, NaN above all: the best is NaN's key when the row holds one
+        work = accumulator(dtype)
+        keys = work.replace("float", "int")
+        nan_first = node.op == "argmin"
+        best_key = reduce(lambda i: _order_key(cast(x(i), work), nan_first), best, keys, "value")
 
-    def hit(index):
-        hit = x(index) == at_output(value, index)
-        if floats:
-            hit = tirx.Select(at_output(nan, index) != tirx.const(0, "int8"), tirx.isnan(x(index)), hit)
-        return tirx.Select(hit, index[dim].astype("int64"), tirx.max_value("int64"))
+        def hit(index):  # (as floats: -0 == +0, the first counts; NaN only where the best is NaN's key)
+            value = cast(_from_order_key(at_output(best_key, index), work), dtype)
+            hit = tirx.any(x(index) == value, tirx.all(_isnan(value), _isnan(x(index))))
+            return tirx.Select(hit, index[dim].astype("int64"), tirx.max_value("int64"))
+    else:
+        value = reduce(x, best, dtype, "value")
+
+        def hit(index):
+            return tirx.Select(x(index) == at_output(value, index), index[dim].astype("int64"),
+                               tirx.max_value("int64"))
 
     return _off_the_output(reduce(hit, te.min, "int64", "index"), [dim], "int64", name)
 
 
 @lowers("softmax", "log_softmax")
 def _softmax(ctx: Lowering, node, args):
-    """In fp32 for fp16 / bf16 (as torch's cpu kernel; fp16 vectors also build slowly). The
-    row max (te.max) drops a NaN, but exp(NaN - max) is NaN, so the row's sum, so the whole
-    row (as torch): a NaN-keeping max would cost a vector max its single instruction."""
+    """In fp32 for fp16 / bf16 (as torch's cpu kernel; fp16 vectors also build slowly): the
+    row max, the sum of exp(x - max), then x - max - log(sum), or for softmax exp(x - max)
+    (kept per row, so that exp runs once per element) times 1 / sum (as torch's cpu kernel).
+    Over the last dim, the max and the sum take `_row_reduce`'s vector lanes. The max (te's,
+    tirx.max) drops a NaN, but exp(NaN - max) is NaN, so the row's sum, so the whole row (as
+    torch); a row of -inf has max -FLT_MAX (te's identity), sum 0, so NaN (as torch)."""
     x_type, out_dtype = node.inputs[0].type, tir_dtype(node.type.dtype)
     dtype = accumulator(out_dtype)
     dim = node.attrs["dim"] % x_type.rank
@@ -688,19 +794,89 @@ def _softmax(ctx: Lowering, node, args):
     def at(i, j):  # x at row index i (without dim) and position j along dim
         return cast(args[0](*i[:dim], j, *i[dim:]), dtype)
 
-    k = te.reduce_axis((0, shape[dim]), name="k")
-    peak = te.compute(rows, lambda *i: te.max(at(i, k), axis=k), name=f"{name}_max")
-    k2 = te.reduce_axis((0, shape[dim]), name="k")
-    total = te.compute(rows, lambda *i: te.sum(fastmath.exp(at(i, k2) - peak(*i)), axis=k2), name=f"{name}_sum")
+    lanes = dim == x_type.rank - 1 and any(d != 1 for d in x_type.shape[:dim])  # rows apart from the row loop
 
-    def value(*i):
-        row = i[:dim] + i[dim + 1:]
-        shifted = at(row, i[dim]) - peak(*row)
-        if node.op == "log_softmax":
-            return cast(shifted - tirx.log(total(*row)), out_dtype)
-        return cast(fastmath.exp(shifted) / total(*row), out_dtype)
+    def reduce(read, reducer, suffix):
+        if lanes:
+            return _row_reduce(ctx, rows, shape[dim], read, reducer, f"{name}_{suffix}")
+        k = te.reduce_axis((0, shape[dim]), name="k")
+        return te.compute(rows, lambda *i: reducer(read(i, k), axis=k), name=f"{name}_{suffix}")
 
-    return te.compute(shape, value, name=name)
+    peak = reduce(at, te.max, "max")
+    if node.op == "log_softmax":
+        total = reduce(lambda i, j: fastmath.exp(at(i, j) - peak(*i)), te.sum, "sum")
+        return te.compute(shape, lambda *i: cast(at(_row(i, dim), i[dim]) - peak(*_row(i, dim))
+                                                 - tirx.log(total(*_row(i, dim))), out_dtype), name=name)
+    exps = te.compute(shape, lambda *i: fastmath.exp(at(_row(i, dim), i[dim]) - peak(*_row(i, dim))),
+                      name=f"{name}_exp{KEEP}")
+    ctx.refinements.append(lambda sch: _vectorize_innermost(sch, exps.op.name))
+    total = reduce(lambda i, j: exps(*i[:dim], j, *i[dim:]), te.sum, "sum")
+    one = tirx.const(1.0, dtype)
+    return te.compute(shape, lambda *i: cast(exps(*i) * (one / total(*_row(i, dim))), out_dtype), name=name)
+
+
+def _row(index, dim: int) -> tuple:
+    return tuple(index[:dim]) + tuple(index[dim + 1:])
+
+
+def _row_reduce(ctx: Lowering, rows: list, extent, read, reducer, name: str) -> te.Tensor:
+    """reducer over the last dim (`read(row index, j)`, the reducer's dtype): one vector
+    of partial results per row (`{name}_lanes`: lane l reduces elements l, l + lanes, ...,
+    read in order; a unit reduce axis keeps the generic schedule's own lane split off),
+    the elements past the last whole vector (`{name}_tail`: a short serial loop, for a
+    static extent that is no multiple of the vector width or a symbolic one), then a tree
+    of the lanes (kept per row): log2(lanes) steps, not a serial chain of lanes."""
+    lanes = vector_lanes()
+    static = isinstance(extent, int) or isinstance(extent, tirx.IntImm)
+    size = int(extent) if static else None
+    vectors = size // lanes if static else tirx.floordiv(extent, lanes)
+    has_tail = not static or size % lanes
+    parts = tail = None
+    if not static or vectors > 0:
+        k, unit = te.reduce_axis((0, vectors), name="k"), te.reduce_axis((0, 1), name="unit")
+        parts = te.compute(list(rows) + [lanes], lambda *i: reducer(read(i[:-1], k * lanes + i[-1]), axis=[k, unit]),
+                           name=f"{name}_lanes")
+        ctx.refinements.append(functools.partial(_vectorize_lanes_of_rows, name=parts.op.name))
+    if has_tail:
+        r = te.reduce_axis((0, extent - vectors * lanes), name="r")
+        tail = te.compute(rows, lambda *i: reducer(read(i, vectors * lanes + r), axis=r), name=f"{name}_tail")
+        ctx.refinements.append(functools.partial(_init_apart, name=tail.op.name))
+    if parts is None:
+        return tail
+    combine = _COMBINE[reducer]
+
+    def tree(*i):
+        values = [parts(*i, lane) for lane in range(lanes)]
+        while len(values) > 1:
+            half = len(values) // 2
+            values = [combine(values[j], values[j + half]) for j in range(half)]
+        return combine(values[0], tail(*i)) if tail is not None else values[0]
+
+    return te.compute(rows, tree, name=f"{name}{KEEP}")
+
+
+def _init_apart(sch, name: str) -> None:
+    """A reduction's init as a block of its own, before its loop: the init inside runs
+    at the loop's first step, so never where the loop is empty (a tail of 0 elements)."""
+    block = sch.get_sblock(name)
+    sch.decompose_reduction(block, sch.get_loops(block)[-1])
+
+
+_COMBINE = {te.max: tirx.max, te.min: tirx.min, te.sum: lambda a, b: a + b}  # as te's reducers combine
+
+
+def _vectorize_lanes_of_rows(sch, name: str) -> None:
+    """`_row_reduce`'s lanes block: its reduced loops outside the lane loop, which is
+    vectorized, the init split off (vectorized too)."""
+    block = sch.get_sblock(name)
+    lane, k, unit = sch.get_loops(block)[-3:]
+    try:
+        sch.reorder(k, unit, lane)
+        sch.vectorize(lane)
+        init = sch.decompose_reduction(block, k)
+        sch.vectorize(sch.get_loops(init)[-1])
+    except ScheduleError:
+        pass  # each step keeps the nest correct: what applied stays
 
 
 # ----------------------------------------------------------------------------- gathers
@@ -783,21 +959,34 @@ def _triangle(ctx: Lowering, node, args):
 @lowers("cumsum")
 def _cumsum(ctx: Lowering, node, args):
     """A sequential scan along `dim` (TE has no recurrence, so a TIR loop nest in an
-    extern block): parallel over the dims before `dim`, vectorized over those after it,
-    the running sums in torch's accumulator dtype (fp64 for fp32, as its cpu kernel),
-    one row of them per outer index (the extern's second output). A copy follows, so
-    that the scan is never the function's only block (which would become its root)."""
+    extern block): parallel over the dims before `dim`, the running sums in torch's
+    accumulator dtype (fp64 for fp32, as its cpu kernel), in the extern's second output.
+    Along the last dim, a row of `_SCAN_BLOCKS` or more elements (or of a symbolic
+    length) is scanned in blocks (`_blocked_scan`: independent chains of adds, not one
+    serial chain); along another dim, vectorized over the dims after it. A copy follows,
+    so that the scan is never the function's only block (which would become its root)."""
     dim, dtype = node.attrs["dim"] % node.type.rank, tir_dtype(node.type.dtype)
     work = {"float32": "float64", "float16": "float32", "bfloat16": "float32"}.get(dtype, dtype)
     shape = ctx.shape(node.type)
-    sums_shape = (_product(shape[:dim]), _product(shape[dim + 1:]))
+    length, inner = shape[dim], _product(shape[dim + 1:])
+    blocked = _static_value(inner) == 1 and (_static_value(length) or _SCAN_BLOCKS) >= _SCAN_BLOCKS
+    sums_shape = (_product(shape[:dim]), _SCAN_BLOCKS if blocked else inner)
+    scan = functools.partial(_blocked_scan if blocked else _scan, dim=dim)
     name = ctx.name("cumsum")
-    scan, _ = te.extern([shape, sums_shape], [args[0]], lambda ins, outs: _scan(ins[0], *outs, dim),
-                        name=f"{name}_scan", dtype=[dtype, work], attrs={_DETECT_ACCESS: tirx.IntImm("int32", 3)})
-    return te.compute(scan.shape, lambda *i: scan(*i), name=name)
+    out, _ = te.extern([shape, sums_shape], [args[0]], lambda ins, outs: scan(ins[0], *outs),
+                       name=f"{name}_scan", dtype=[dtype, work], attrs={_DETECT_ACCESS: tirx.IntImm("int32", 3)})
+    return out
 
 
 _DETECT_ACCESS = "tirx.script_parsing_detect_access"  # 3: infer the block's reads and writes
+_SCAN_BLOCKS = 8  # blocks of a row `_blocked_scan` scans at once (chains of adds in flight)
+
+
+def _static_value(extent):
+    """An extent's int value, None when symbolic."""
+    if isinstance(extent, int):
+        return extent
+    return extent.value if isinstance(extent, tirx.IntImm) else None
 
 
 def _scan(x, out, sums, dim: int):
@@ -813,8 +1002,48 @@ def _scan(x, out, sums, dim: int):
     along = tirx.For(j, 0, inner, kind, tirx.SeqStmt([add, write]))
     scan = tirx.For(t, 0, length, tirx.ForKind.SERIAL, along)
     zero = tirx.For(j0, 0, inner, tirx.ForKind.SERIAL, tirx.BufferStore(sums, tirx.const(0, sums.dtype), [o, j0]))
-    rows = tirx.ForKind.SERIAL if isinstance(outer, tirx.IntImm) and outer.value < 2 else tirx.ForKind.PARALLEL
-    return tirx.For(o, 0, outer, rows, tirx.SeqStmt([zero, scan]))
+    return tirx.For(o, 0, outer, _rows_kind(outer), tirx.SeqStmt([zero, scan]))
+
+
+def _rows_kind(outer):
+    return tirx.ForKind.SERIAL if isinstance(outer, tirx.IntImm) and outer.value < 2 else tirx.ForKind.PARALLEL
+
+
+def _blocked_scan(x, out, sums, dim: int):
+    """A scan of each row (the last dim, trailing dims of size 1 aside) in B blocks of
+    n // B elements, the rest a tail: the sums of blocks 0 .. B-2 (B chains of adds, one
+    element of each block per step), each block's offset (the sum of those before it),
+    then each block scanned from its offset (B chains again), the tail from the last
+    block's end. sums[o, b] holds block b's running sum. The order of the adds differs from
+    a serial scan's only by the accumulator's rounding (none for integers)."""
+    shape = list(out.shape)
+    blocks, outer, length = sums.shape[1].value, sums.shape[0], shape[dim]
+    size = tirx.floordiv(length, blocks)
+    o = tirx.Var("o", "int32")
+    row, ones = _unravel(o, shape[:dim]), [0] * (len(shape) - dim - 1)
+
+    def element(p):
+        return tirx.BufferLoad(x, [*row, p, *ones]).astype(sums.dtype)
+
+    def acc(k):
+        return tirx.BufferLoad(sums, [o, k])
+
+    def step(k, p, write: bool):  # sums[o, k] += x at p (and out at p = sums[o, k])
+        add = tirx.BufferStore(sums, acc(k) + element(p), [o, k])
+        store = tirx.BufferStore(out, acc(k).astype(out.dtype), [*row, p, *ones])
+        return tirx.SeqStmt([add, store]) if write else add
+
+    def loop(extent, body, kind=tirx.ForKind.UNROLLED, start=0):  # body(its var)
+        var = tirx.Var("i", "int32")
+        return tirx.For(var, start, extent, kind, body(var))
+
+    serial = tirx.ForKind.SERIAL
+    zero = loop(blocks, lambda b: tirx.BufferStore(sums, tirx.const(0, sums.dtype), [o, b]))
+    block_sums = loop(size, lambda t: loop(blocks - 1, lambda b: step(b + 1, b * size + t, False)), serial)
+    offsets = loop(blocks - 1, lambda b: tirx.BufferStore(sums, acc(b) + acc(b - 1), [o, b]), start=1)
+    scan = loop(size, lambda t: loop(blocks, lambda b: step(b, b * size + t, True)), serial)
+    tail = loop(length - blocks * size, lambda t: step(blocks - 1, t, True), serial, start=blocks * size)
+    return tirx.For(o, 0, outer, _rows_kind(outer), tirx.SeqStmt([zero, block_sums, offsets, scan, tail]))
 
 
 def _product(dims):
