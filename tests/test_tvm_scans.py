@@ -126,3 +126,54 @@ def test_cumsum_between_other_ops():
     x = b.input("x", TensorType((2, T), F))
     y = b.op("mul", b.op("cumsum", b.op("mul", x, scalar=2.0), dim=1), scalar=0.5)
     check(b.build([y]), Case((((2, T), F),), sizes=(1, 40)), make=lambda n: [torch.randn(2, n)])
+
+
+SQUARE = [  # a dim other than the last, where the reduced shape equals the shape of the output's rows
+    c(((3, T, T), F), dim=1, sizes=(1, 5, 17)),
+    c(((T, T), F), dim=0, sizes=(1, 3, 37)),
+    c(((T, 13, 13), F), dim=1, sizes=(1, 3)),
+    c(((13, 13), F), dim=0, sizes=(None,)),
+    c(((4, 24, 24), F), dim=-2, sizes=(None,)),  # rows of whole vectors
+    c(((5, 7, 7), F), dim=0, sizes=(None,)),
+    c(((T, 9, 9), H), dim=1, sizes=(1, 2), tol=2e-3),
+]
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("case", SQUARE, ids=str)
+def test_softmax_over_a_square_outer_dim(op, case):
+    check(one_op_group(op, case), case)
+
+
+@pytest.mark.parametrize("shape,dim", [((3, T, T), 1), ((T, T), 0), ((6, 11, 11), 1)])
+def test_amax_kept_then_sub_over_a_square_outer_dim(shape, dim):
+    b = GraphBuilder()
+    x = b.input("x", TensorType(shape, F))
+    group = b.build([b.op("sub", x, b.op("amax", x, dims=[dim], keepdim=True))])
+    check(group, Case(((shape, F),), sizes=(1, 4, 19)))
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape,dim", [((12, 128, 128), 1), ((128, 128), 0), ((12, 128, 128), 2)])
+def test_square_outer_dim_reductions_run_once(op, shape, dim):
+    """A reduction the output reads across its rows (softmax over dim 1 of [b, n, n]: a
+    max per (b, column)) runs on its own, not once per row of the output (which has the
+    same shape [b, n], but would recompute all n columns per row); over the last dim,
+    the row's max and sum stay inside the output's row loop."""
+    from tvm import s_tir, te
+
+    from fuselm.codegen.tvm import elementwise
+    from fuselm.codegen.tvm.build import Dims
+    from fuselm.codegen.tvm.lowering import lower
+
+    b = GraphBuilder()
+    group = b.build([b.op(op, b.input("x", TensorType(shape, F)), dim=dim)])
+    placeholders, out, _ = lower(group, Dims())
+    sch = s_tir.Schedule(te.create_prim_func(placeholders + [out]))
+    elementwise.schedule(sch)
+    root = sch.get_sblock("root")
+    (output,) = sch.get_output_blocks(root)
+    row_loop = sch.get(sch.get_loops(output)[0])
+    inside = {sch.get(block).name_hint: sch.get(sch.get_loops(block)[0]).same_as(row_loop)
+              for block in sch.get_child_blocks(root) if elementwise.is_reduction(sch, block)}
+    assert inside and all(v == (dim == len(shape) - 1) for v in inside.values()), inside

@@ -10,7 +10,10 @@ The schedule, in order:
 3. each reduction whose result is indexed first by those leading dims (softmax's row
    max and sum, a mean over the last dim, attention's row of scores) is computed
    inside the parallel loop, row by row, while the row is in cache; any other
-   reduction runs on its own, parallel over its own output. A reduction over a static
+   reduction runs on its own, parallel over its own output. Which is which follows from
+   how the output reads it, not from its shape (`_OutputAxes`): softmax over dim 1 of
+   [b, n, n] has a max of shape [b, n] as its rows are, but per (b, column), which
+   each row reads whole. A reduction over a static
    multiple of the vector width is split per lane first (rfactor: a vector of partial
    results, then a sum of lanes), so its inner loop is vectorized too. A compute whose
    name ends in `_kept` is treated like a reduction (materialized per row, not
@@ -97,18 +100,20 @@ def schedule(sch: s_tir.Schedule, parallel: bool = True) -> None:
                 pass  # stays a loop nest of its own, scheduled below
     (out,) = [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint in output_names]
     columns = any(sch.get(b).name_hint not in output_names and _unit_last(sch, b) for b in sch.get_child_blocks(root))
-    rows, vector = _split_output(sch, out, wide=columns and not lane_blocks)
+    rows, vector, row_axes = _split_output(sch, out, wide=columns and not lane_blocks)
     out_shape = _shape_without_ones(sch.get(out).writes[0].source.shape)
     row_shape = out_shape[:-1] if len(out_shape) > 1 else out_shape
     vector_sums = []
+    axes = _OutputAxes(sch, out, row_axes)
     for block in reversed(sch.get_child_blocks(root)):
         name = sch.get(block).name_hint
         if name in output_names:
             continue
         shape = _shape_without_ones(sch.get(block).writes[0].source.shape)
-        if rows is not None and shape[: len(row_shape)] == row_shape:
+        if rows is not None and shape[: len(row_shape)] == row_shape and axes.per_row(block):
             try:
                 sch.compute_at(block, rows, preserve_unit_loops=True)
+                axes.at_rows(block)
                 if name in lane_blocks:
                     vector_sums.append(_vectorize_lanes(sch, block))
                 continue
@@ -186,14 +191,17 @@ def _unit_last(sch, block) -> bool:
 def _split_output(sch, block, wide: bool = False):
     """Fuse the output's leading spatial loops (the rows), split its last for vectors.
     `wide`: a single dim comes in rows of a few vectors (a reduction over an outer dim
-    computed per row then accumulates that many vectors at once)."""
+    computed per row then accumulates that many vectors at once). Returns (rows loop,
+    vector loop, the positions of the output's iter vars the rows loop runs over)."""
     loops = sch.get_loops(block)
-    spatial = [lp for lp, iv in zip(loops, sch.get(block).iter_vars) if iv.iter_type != _REDUCE]
+    iter_vars = sch.get(block).iter_vars
+    axes = [a for a, (_, iv) in enumerate(zip(loops, iter_vars)) if iv.iter_type != _REDUCE]
+    spatial = [loops[a] for a in axes]
     if not spatial:
-        return None, None
+        return None, None, []
     lanes = vector_lanes()
     if is_reduction(sch, block):
-        return sch.fuse(*spatial), None
+        return sch.fuse(*spatial), None, axes
     last = _static(sch.get(spatial[-1]).extent)
     vector = None
     vectors = next((v for v in _ROW_VECTORS if wide and len(spatial) == 1 and last is not None
@@ -201,17 +209,88 @@ def _split_output(sch, block, wide: bool = False):
     if vectors > 1:  # a single dim: rows of a few vectors (a reduction computed per row gets that many)
         outer, middle, vector = sch.split(spatial[-1], [None, vectors, lanes])
         spatial = [outer, middle]
+        axes = axes + axes[-1:]  # both loops run over the one dim; the rows are the outer
     elif last is not None and last % lanes == 0 and last > lanes:
         spatial[-1], vector = sch.split(spatial[-1], [None, lanes])
     elif last == lanes:
         vector = spatial.pop()
+        axes = axes[:-1]
     if not spatial:
-        return None, vector
+        return None, vector, []
     if len(spatial) == 1 and vector is None:  # a single dim: rows are chunks of it
         rows, _ = sch.split(spatial[0], [None, 4 * lanes])
-        return rows, None
+        return rows, None, axes
     rows = sch.fuse(*spatial[:-1]) if len(spatial) > 1 else spatial[0]
-    return rows, vector
+    return rows, vector, axes[:-1] if len(spatial) > 1 else axes
+
+
+class _OutputAxes:
+    """Which of the output's iter vars each block's elements depend on, as its readers
+    read it (the output first, then each block computed per row, consumers before
+    producers): whether a block may be computed per row. It may when one row's region of
+    it is its own: each element read fixes every (non-unit) iter var of the rows loop,
+    through an index that depends on those alone (no reduce var of a reader, nothing
+    but a point). A reduction over an outer dim read by broadcast (softmax over dim 1 of
+    [b, n, n]: a max per (b, column), the rows (b, row)) does not fix the row: computed
+    per row, it would be recomputed whole for each row; it runs on its own instead.
+    Shapes alone cannot tell (there [b, n] either way)."""
+    FREE = -1  # a dependence on something but the output's iter vars (a reader's reduce var, a range)
+
+    def __init__(self, sch, out, row_axes: list):
+        self.sch = sch
+        iter_vars = sch.get(out).iter_vars
+        self.rows = {a for a in row_axes if _static(iter_vars[a].dom.extent) != 1}
+        self.readers = [(sch.get(out), {iv.var: frozenset([a] if iv.iter_type != _REDUCE else [self.FREE])
+                                        for a, iv in enumerate(iter_vars)})]  # (block, {iter var: dependences})
+
+    def _deps(self, expr, deps: dict) -> frozenset:
+        found = set()
+        for var in tirx.analysis.undefined_vars(expr, []):
+            found |= next((d for v, d in deps.items() if v.same_as(var)), frozenset())  # else a symbol
+        return frozenset(found)
+
+    def _accesses(self, block):
+        """(reader's dependences, the region read) for each read of `block`'s buffer."""
+        buffer = self.sch.get(block).writes[0].source
+        for reader, deps in self.readers:
+            for read in reader.reads:
+                if read.source.same_as(buffer):
+                    yield deps, read.region
+
+    def per_row(self, block) -> bool:
+        accesses = list(self._accesses(block))
+        if not accesses:
+            return False  # read only by a block not computed per row
+        readers = {reader.name_hint for reader, _ in self.readers}
+        if any(self.sch.get(c).name_hint not in readers for c in self.sch.get_consumers(block)):
+            return False  # a reader runs on its own, outside the rows loop
+        for deps, region in accesses:
+            fixed = set()
+            for r in region:
+                d = self._deps(r.min, deps) | self._deps(r.extent, deps)
+                if _static(r.extent) == 1 and self.FREE not in d and d <= self.rows:
+                    fixed |= d
+            if not self.rows <= fixed:
+                return False
+        return True
+
+    def at_rows(self, block) -> None:
+        """`block` computed per row: its own iter vars' dependences, from its readers' indices."""
+        body = self.sch.get(block)
+        write = body.writes[0].region
+        found = {}
+        for deps, region in self._accesses(block):
+            for r, w in zip(region, write):
+                d = self._deps(r.min, deps) | self._deps(r.extent, deps)
+                if _static(r.extent) != 1:
+                    d |= {self.FREE}
+                for var in tirx.analysis.undefined_vars(w.min, []):
+                    found[var] = found.get(var, frozenset()) | d
+        own = {}
+        for iv in body.iter_vars:
+            d = next((d for v, d in found.items() if v.same_as(iv.var)), frozenset([self.FREE]))
+            own[iv.var] = d if iv.iter_type != _REDUCE else frozenset([self.FREE])
+        self.readers.append((body, own))
 
 
 def parallel_alone(sch, block) -> None:
