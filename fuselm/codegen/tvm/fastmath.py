@@ -358,16 +358,35 @@ def pow(x, y) -> tirx.PrimExpr:
 def _pow(x, y):
     """|x|^y carries inf, 0 and NaN through log2 and exp2 (0^-y = inf, inf^-y = 0, ...); then
     the sign of x for an odd integer y, NaN for x < 0 finite and y finite not an integer,
-    1 for y = 0, x = 1 and (-1)^+-inf."""
-    zero, one = const(0.0, x), const(1.0, x)
-    integral = tirx.floor(y) == y  # (inf too; false for NaN)
-    odd = tirx.all(integral, tirx.abs(y) < const(_EXACT_INTEGER, y), tirx.floor(y * const(0.5, y)) * const(2.0, y) != y)
-    magnitude = _exp2_wide(y.astype("float64") * _log2_wide(tirx.abs(x)))
-    signed = let(magnitude, lambda m: tirx.Select(odd, tirx.copysign(m, x), m), "m")
-    finite = tirx.all(x < zero, x > const(-math.inf, x), tirx.abs(y) < const(math.inf, y))
-    nan = tirx.Select(tirx.all(finite, tirx.Not(integral)), const(math.nan, x), signed)
-    unit = tirx.any(y == zero, x == one, tirx.all(x == const(-1.0, x), tirx.abs(y) == const(math.inf, y)))
-    return tirx.Select(unit, one, nan)
+    1 for y = 0, x = 1 and (-1)^+-inf. The exponent y log2|x| and |x|^y are bound through
+    `_opaque` (see there), the lets above the Selects."""
+    def value(t):
+        def selected(m):
+            zero, one = const(0.0, x), const(1.0, x)
+            integral = tirx.floor(y) == y  # (inf too; false for NaN)
+            odd = tirx.all(integral, tirx.abs(y) < const(_EXACT_INTEGER, y),
+                           tirx.floor(y * const(0.5, y)) * const(2.0, y) != y)
+            signed = tirx.Select(odd, tirx.copysign(m, x), m)
+            finite = tirx.all(x < zero, x > const(-math.inf, x), tirx.abs(y) < const(math.inf, y))
+            nan = tirx.Select(tirx.all(finite, tirx.Not(integral)), const(math.nan, x), signed)
+            unit = tirx.any(y == zero, x == one, tirx.all(x == const(-1.0, x), tirx.abs(y) == const(math.inf, y)))
+            return tirx.Select(unit, one, nan)
+
+        return let(_opaque(_exp2_wide(t)), selected, "m")
+
+    return let(_opaque(y.astype("float64") * _log2_wide(tirx.abs(x))), value, "t")
+
+
+def _opaque(x) -> tirx.PrimExpr:
+    """x as x * 1 + -0 through TVM's impure call of LLVM's fmuladd: the same value (LLVM
+    folds it away, vectorizes around it), but no pure expression to TVM. Passes that
+    carry an analyzer (FlattenBuffer, LowerIntrin, ...) bind each let's pure value,
+    substituting the values of the lets before it: a chain of lets whose variables are used
+    several times each (polynomials) grows to the product of those counts (pow's log2 into
+    exp2: ~1e6 nodes, minutes of build per kernel). A let of an opaque value stays a
+    variable to them. Only at the top of an expression's lets: a Select with it in a branch
+    is no longer safe to TVM (an if_then_else then)."""
+    return tirx.call_llvm_intrin(dtype_of(x), "llvm.fmuladd", as_expr(x), const(1.0, x), const(-0.0, x))
 
 
 def _log2_wide(a):
