@@ -90,6 +90,29 @@ def test_bad_calls_and_files(tmp_path):
         fuselm.compile(str(tmp_path / "nothing.onnx"), (torch.ones(1),), target="cpu")
 
 
+@pytest.mark.slow
+def test_minilm_exported_as_the_benchmark_does_matches_onnx_runtime_with_the_torch_capture_kernels(minilm_dir,
+                                                                                                   tmp_path):
+    """The real all-MiniLM-L6-v2, exported as benchmarks/forward.py exports it (its own
+    instance: exporting leaves a module computing other values)."""
+    exported = transformers.BertModel.from_pretrained(str(minilm_dir)).eval()
+    path = export(exported, tmp_path / "minilm.onnx", *padded([9, 5], 30522))
+    model = transformers.BertModel.from_pretrained(str(minilm_dir)).eval()
+    cache = str(tmp_path / "kernels")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fuselm.FallbackWarning)
+        compiled = fuselm.compile(path, target="cpu", cache_dir=cache)
+        captured = fuselm.compile(LastHidden(model), padded([7, 4], 30522), target="cpu", cache_dir=cache,
+                                  dynamic={name: {0: ("B", 1, 64), 1: ("S", 1, 512)}
+                                           for name in ("input_ids", "attention_mask")})
+    assert fused_kernels(compiled) == fused_kernels(captured)
+    for seed, lengths in enumerate([[17, 6, 17], [40, 3]]):
+        ids, mask = padded(lengths, 30522, seed)
+        (got,) = compiled(ids, mask)
+        keep = mask.bool()
+        torch.testing.assert_close(got[keep], ort_run(path, ids, mask)[keep], atol=1e-4, rtol=1e-4)
+
+
 def test_the_command_line_prints_builds_and_loads_an_onnx_file(tmp_path, capsys):
     """`fuselm ir model.onnx [--target cpu]` and `fuselm build model.onnx -o DIR`; the
     artifact loads (no import, no codegen) and is called as fuselm.compile's result is."""
