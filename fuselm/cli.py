@@ -357,9 +357,31 @@ def cmd_inspect(args) -> int:
     return inspect_command.run(args)
 
 
+def imported_torch_holding_interrupts() -> None:
+    """Import torch with a Ctrl-C held until the import ends, then raised: one that strikes
+    Python code torch's C++ initialization calls (pybind11) ends the process in
+    std::terminate (status -6, no exit handlers) instead of a KeyboardInterrupt."""
+    import importlib
+    import signal
+    import threading
+
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        return
+    held: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        importlib.import_module("torch")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command not in ("models", "inspect"):  # the others import torch first thing
+            imported_torch_holding_interrupts()
         refuse_unavailable_target(args)
         return args.run(args)
     except USER_ERRORS as error:
