@@ -27,6 +27,7 @@ from fuselm.artifact import build, is_artifact
 from fuselm.artifact.weights import map_weights
 from fuselm.cli import main
 from fuselm.errors import ArtifactError
+from fuselm.codegen.tvm import host
 from fuselm.llm import LLM
 from fuselm.models import LoadedModel
 from fuselm.models.config import LlamaConfig
@@ -55,6 +56,7 @@ LOAD_AND_COMPARE = """
     equal = torch.equal(output, saved["expected"])
     if "expected_cache" in saved:  # the LM's KV cache, written in place
         equal = equal and torch.equal(inputs["kv_cache"], saved["expected_cache"])
+    imported = [m for m in ("torch._dynamo", "transformers", "fuselm.frontend.capture", "tvm") if m in sys.modules]
     from fuselm.codegen import cache
     from fuselm.codegen.tvm import build_count
     api = sys.modules.get("fuselm.api")
@@ -63,8 +65,7 @@ LOAD_AND_COMPARE = """
                       "kernels": len(model.kernels),
                       "program_calls": model._compiled.program.calls,  # the forward ran as one program call
                       "program_builds": cache.program_stats["codegen_runs"],
-                      "imported": [m for m in ("torch._dynamo", "transformers", "fuselm.frontend.capture")
-                                   if m in sys.modules]}))
+                      "imported": imported}))
 """
 
 
@@ -183,11 +184,13 @@ def load_in_fresh_process(directory: Path, inputs: dict, expected: dict, tmp_pat
     save_file({**{f"in.{name}": t for name, t in inputs.items()}, **expected}, str(data))
     empty_cache = tmp_path / "empty-cache"
     empty_cache.mkdir()
+    host_memo = empty_cache / host.MEMO_FILE  # what this machine's CPU can run, as loads on it find it
+    host_memo.write_text(json.dumps(host.host_record()))
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(LOAD_AND_COMPARE), str(directory), str(data)],
                          capture_output=True, text=True, timeout=600,
                          env={**os.environ, "FUSELM_CACHE": str(empty_cache)})
     assert run.returncode == 0, run.stderr[-3000:]
-    assert list(empty_cache.iterdir()) == []  # the artifact needs no kernel cache, and writes none
+    assert list(empty_cache.iterdir()) == [host_memo]  # the artifact needs no kernel cache, and writes none
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -212,6 +215,27 @@ def test_smollm2_artifact_loads_in_a_fresh_process_and_computes_what_the_compile
                                    tmp_path)
     assert_loaded_as_built(result, len(compiled.kernels))
     assert_weights_aligned(directory / "weights.safetensors")
+
+
+def test_generate_from_an_artifact_imports_neither_tvm_nor_the_capture(smollm2_artifact, tmp_path):
+    """`fuselm generate --model DIR` in a new process: its program runs through TVM's runtime
+    library alone (`import tvm` would cost seconds of the start), nothing is captured."""
+    directory, _ = smollm2_artifact
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / host.MEMO_FILE).write_text(json.dumps(host.host_record()))
+    script = textwrap.dedent("""
+        import json, sys
+        from fuselm.cli import main
+        status = main(sys.argv[1:])
+        modules = ("tvm", "torch._dynamo", "transformers", "fuselm.frontend.capture", "fuselm.codegen.tvm.build")
+        print(json.dumps({"status": status, "imported": [m for m in modules if m in sys.modules]}), file=sys.stderr)
+    """)
+    run = subprocess.run([sys.executable, "-c", script, "generate", "--model", str(directory), "--max-tokens", "3",
+                          "What is the capital of France?"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "FUSELM_CACHE": str(cache)})
+    assert json.loads(run.stderr.strip().splitlines()[-1]) == {"status": 0, "imported": []}, run.stderr[-3000:]
+    assert run.stdout.strip(), "no tokens were printed"
 
 
 @pytest.mark.slow
@@ -484,9 +508,9 @@ def test_a_cpu_lacking_a_feature_the_kernels_use_is_refused(tiny_copy, nothing_l
                                             r"CPU \(\w+\) lacks it. Rebuild it on this machine: `fuselm build"):
         fuselm.load(tiny_copy)
     edit_manifest(tiny_copy, lambda manifest: manifest["machine"]["cpu_features"].remove("fake-feature"))
-    build_module = importlib.import_module("fuselm.codegen.tvm.build")
-    host = build_module.host_cpu_features()
-    monkeypatch.setattr(build_module, "host_cpu_features", lambda: tuple(f for f in host if f not in ("avx2", "fma")))
+    host_module = importlib.import_module("fuselm.codegen.tvm.host")
+    host = host_module.host_cpu_features()
+    monkeypatch.setattr(host_module, "host_cpu_features", lambda: tuple(f for f in host if f not in ("avx2", "fma")))
     with pytest.raises(ArtifactError, match="which use avx2, fma: this CPU .* lacks them"):
         fuselm.load(tiny_copy)
 

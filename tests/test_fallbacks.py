@@ -255,11 +255,11 @@ def test_backends_refuse_aten_groups():
     groups = [s.graph for s in partition(graph) if isinstance(s, KernelGroup) and s.ops == ("aten",)]
     assert len(groups) == 2
     pytest.importorskip("tvm")
-    from fuselm.codegen.tvm import _plan
+    from fuselm.codegen.tvm.kernels import plan_of
 
     for group in groups:
         with pytest.raises(UnsupportedKernelError):
-            _plan(group)
+            plan_of(group)
 
 
 def test_triton_refuses_aten_groups(tmp_path):

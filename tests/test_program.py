@@ -65,11 +65,11 @@ def _called_functions(program, run):
             names.append(str(name))
         return 0
 
-    program.vm.set_instrument(instrument)
+    program.set_instrument(instrument)
     try:
         run()
     finally:
-        program.vm.set_instrument(lambda *args: 0)
+        program.set_instrument(lambda *args: 0)
     return names
 
 

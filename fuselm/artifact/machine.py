@@ -34,7 +34,7 @@ def code_settings(target: Target, mcpu: str):
     """A context in which `fuselm build` generates the kernels: for cpu, built for `mcpu`."""
     if target.name != "cpu":
         return contextlib.nullcontext()
-    from ..codegen.tvm.build import use_mcpu
+    from ..codegen.tvm.host import use_mcpu
 
     return use_mcpu(mcpu)
 
@@ -43,8 +43,9 @@ def requirements(target: Target, mcpu: str) -> dict:
     """The manifest's "machine" entry, inside `code_settings(target, mcpu)`."""
     if target.name != "cpu":
         return {"gpu_arch": "any"}
-    from ..codegen.tvm.build import cpu_features, mcpu as llvm_cpu
+    from ..codegen.tvm.host import cpu_features, host_cpu_features, mcpu as llvm_cpu
 
+    host_cpu_features()  # remembered on disk: loading on this machine then needs no LLVM (tvm import)
     return {"mcpu": mcpu, "llvm_cpu": llvm_cpu(), "cpu_features": list(cpu_features(llvm_cpu()))}
 
 
@@ -52,9 +53,9 @@ def loading_settings(machine: dict):
     """A context in which the kernels load (and are keyed) as they were built."""
     if "llvm_cpu" not in machine:
         return contextlib.nullcontext()
-    from ..codegen.tvm.build import use_mcpu
+    from ..codegen.tvm.host import use_mcpu
 
-    return use_mcpu(machine["llvm_cpu"])
+    return use_mcpu(machine["llvm_cpu"], check=False)  # checked by check_machine
 
 
 def check_machine(manifest: dict, target: Target, where: str, rebuild: str) -> None:
@@ -70,12 +71,12 @@ def check_machine(manifest: dict, target: Target, where: str, rebuild: str) -> N
     if not isinstance(machine, dict):
         raise ArtifactError(f"{where}: the manifest has no valid 'machine' entry; rebuild it: `{rebuild}`")
     if "cpu_features" in machine:
-        from ..codegen.tvm.build import host_cpu_features, mcpu
+        from ..codegen.tvm.host import host_cpu, host_cpu_features
 
         missing = sorted(set(machine["cpu_features"]) - set(host_cpu_features()))
         if missing:
             raise ArtifactError(
                 f"{where} holds kernels built for the CPU {machine.get('llvm_cpu')} (--mcpu {machine.get('mcpu')}), "
-                f"which use {', '.join(missing)}: this CPU ({mcpu()}) lacks {'it' if len(missing) == 1 else 'them'}. "
+                f"which use {', '.join(missing)}: this CPU ({host_cpu()}) lacks {'it' if len(missing) == 1 else 'them'}. "
                 f"Rebuild it on this machine: `{rebuild.replace(' --mcpu generic', '')}`"
                 + ("" if machine.get("mcpu") == "generic" else " (or with --mcpu generic, for any x86-64 with AVX2)"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Union
@@ -88,7 +89,8 @@ def _load_program(directory: Path, manifest: dict, target: Target, graph, steps:
 
 
 def _load_kernels(directory: Path, manifest: dict, target: Target, steps: list, rebuild: str) -> list:
-    """[(group, Kernel)] for every kernel group, each distinct kernel loaded once."""
+    """[(group, Kernel)] for every kernel group, each distinct kernel loaded once. With a
+    program, which runs the whole graph, a kernel loads only when something calls it."""
     listed = {kernel["key"]: kernel for kernel in manifest["kernels"]}
     kernels, launches = {}, []
     with loading_settings(manifest["machine"]):  # the CPU the kernels were built (and keyed) for
@@ -101,13 +103,47 @@ def _load_kernels(directory: Path, manifest: dict, target: Target, steps: list, 
             if key not in kernels and listed[key].get("fallback"):  # the IR reference runs it, as at build
                 kernels[key] = fallback_kernel(group, target.name, listed[key]["name"])
             if key not in kernels:
-                try:
-                    kernels[key] = keys.backend.load(group.graph, directory / KERNELS / key)
-                except Exception as error:  # whatever the backend raises for files it cannot use
-                    raise ArtifactError(f"{directory / KERNELS / key}: kernel {listed[key]['name']} does not load "
-                                        f"({type(error).__name__}: {error}); rebuild it: `{rebuild}`") from None
+                load = functools.partial(_load_kernel, keys.backend, group.graph, directory / KERNELS / key,
+                                         listed[key]["name"], manifest["machine"], rebuild)
+                source = listed[key].get("source")
+                kernels[key] = (DeferredKernel(listed[key]["name"], target.name, tuple(group.ops),
+                                               str(directory / source) if source else None, load)
+                                if manifest["program"] else load())
             launches.append((group, kernels[key]))
     return launches
+
+
+def _load_kernel(backend, group, entry: Path, name: str, machine: dict, rebuild: str):
+    with loading_settings(machine):
+        try:
+            return backend.load(group, entry)
+        except Exception as error:  # whatever the backend raises for files it cannot use
+            raise ArtifactError(f"{entry}: kernel {name} does not load ({type(error).__name__}: {error}); "
+                                f"rebuild it: `{rebuild}`") from None
+
+
+class DeferredKernel:
+    """A kernel of an artifact whose program computes the whole graph: named as the
+    manifest lists it, and loaded (which imports the code generator: seconds) only when
+    something runs it or reads its source (`fuselm inspect`, the executor)."""
+
+    def __init__(self, name: str, target: str, ops: tuple, source_path: Optional[str], load):
+        self.name, self.target, self.ops, self.source_path = name, target, ops, source_path
+        self._load, self._kernel, self._lock = load, None, threading.Lock()
+
+    def kernel(self):
+        with self._lock:
+            if self._kernel is None:
+                self._kernel = self._load()
+            return self._kernel
+
+    def run(self, *tensors):
+        return self.kernel().run(*tensors)
+
+    def __getattr__(self, name: str):  # source, source_ext, extra_sources: the loaded kernel's
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.kernel(), name)
 
 
 class Artifact(DescribesCompiledGraph):

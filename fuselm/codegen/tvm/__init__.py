@@ -28,8 +28,15 @@ PrimFunc})` and `make_run(group, functions) -> run`:
   varlen.py       varlen_attention (packed sequences, no padding), in TVMScript
 A gemm, qgemm, matmul, norm or cache op may come with views (reshape, permute, ...) of its
 inputs before it and of its result after it: `run` applies those to the torch tensors.
+kernels.py picks the emitter and makes the Kernel; build.py is what emitters share.
 
-This package is the only part of fuselm that imports tvm.
+Whole graphs: program.py builds a partitioned graph into one Relax VM program, vm.py
+runs one (`PROGRAMS` below is their kernel-cache backend).
+
+This package is the only part of fuselm that imports tvm, and importing it does not:
+`emit`, `load` and `build_count` import the builder (and tvm) on first use; host.py
+(the CPU kernels are built for) and vm.py (running a saved program) never import it,
+so loading an artifact with a program starts in a fraction of the time.
 """
 from __future__ import annotations
 
@@ -39,114 +46,34 @@ import os
 # hyperthreads), which on a 2-vCPU machine is one thread; it reads this when it starts.
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
 
-from ...errors import UnsupportedKernelError
-from ...ir.graph import Graph, Input, Node  # noqa: E402
-from ...ir.interpreter import concrete_attr  # noqa: E402
-from ...ir.registry import get_op, is_view  # noqa: E402
-from ..kernel import Kernel, group_key  # noqa: E402
-from .build import ShapeBinder, build, build_count, load_built  # noqa: E402
+from ...ir.graph import Graph  # noqa: E402
+from ..cache import register_key_setting  # noqa: E402
+from . import host  # noqa: E402
+
+register_key_setting(__name__, lambda: f"mcpu={host.mcpu()}")  # kernels built for two CPUs never share a key
 
 __all__ = ["emit", "load", "build_count", "PROGRAMS"]
 
 
-def emit(group: Graph, directory: Optional[Path] = None) -> Kernel:
-    """Generate and build the cpu kernel of `group` (saved into `directory` if given)."""
-    plan = _plan(group)
-    name, funcs = plan.emitter.generate(plan.core)
-    built = build(funcs)
-    if directory is not None:
-        built = built.save(directory, name)
-    return _kernel(plan, name, built)
+def __getattr__(name: str):
+    """`emit`, `load` and `build_count` import the kernel builder (and tvm) on first use."""
+    if name in ("emit", "load"):
+        from . import kernels
 
+        return getattr(kernels, name)
+    if name == "build_count":
+        from .build import build_count
 
-def load(group: Graph, directory: Path) -> Kernel:
-    """The kernel `emit(group, directory)` saved there, loaded without generating."""
-    plan = _plan(group)
-    libraries = sorted(Path(directory).glob("*.so"))
-    if len(libraries) != 1:
-        raise FileNotFoundError(f"{directory} should hold one compiled kernel, it holds {[f.name for f in libraries]}")
-    name = libraries[0].stem
-    return _kernel(plan, name, load_built(directory, name))
-
-
-@dataclass
-class _Plan:
-    group: Graph
-    core: Graph  # what the emitter compiles: the group, or its one heavy op without the views
-    emitter: object  # the emitter module
-    before: tuple = ()  # views applied to the inputs, in torch
-    after: tuple = ()  # views applied to the kernel's result, in torch
-    operands: tuple = ()  # the values the core reads, in the core's input order
-
-
-def _plan(group: Graph) -> _Plan:
-    from . import elementwise, gemm, matmul, norm, paged, qgemm, varlen
-
-    if group.constants:
-        raise ValueError("a kernel group takes its weights as inputs; it holds no constants")
-    if len(group.outputs) != 1:
-        raise UnsupportedKernelError(f"a kernel group has one output, this one has {len(group.outputs)}")
-    single = {op: m for m in (gemm, matmul, norm, paged, qgemm, varlen) for op in m.OPS}
-    ops = [node.op for node in group.nodes]
-    if len(ops) == 1 and ops[0] in single:
-        return _Plan(group, group, single[ops[0]])
-    if all(op in elementwise.OPS and op not in single for op in ops):
-        return _Plan(group, group, elementwise)
-    heavy = [node for node in group.nodes if not is_view(node.op)]
-    if len(heavy) == 1 and heavy[0].op in single:
-        return _with_views(group, heavy[0], single[heavy[0].op])
-    raise UnsupportedKernelError(f"no cpu emitter for a group of {ops}")
-
-
-def _with_views(group: Graph, core: Node, emitter) -> _Plan:
-    """The heavy op alone as the core group; the views around it stay for `run`."""
-    at = group.nodes.index(core)
-    chain = group.nodes[at:]
-    if any(b.inputs[0] is not a for a, b in zip(chain, chain[1:])) or group.outputs[0] is not chain[-1]:
-        raise UnsupportedKernelError("the views after the kernel must be a chain from its result to the output")
-    operands = tuple(dict.fromkeys(core.inputs))
-    params = [Input(f"in{i}", v.type) for i, v in enumerate(operands)]
-    inner = Node(core.op, tuple(params[operands.index(v)] for v in core.inputs), core.attrs, core.type, core.source)
-    return _Plan(group, Graph(params, [inner], [inner]), emitter, tuple(group.nodes[:at]), tuple(chain[1:]), operands)
-
-
-def _kernel(plan: _Plan, name: str, built) -> Kernel:
-    run = plan.emitter.make_run(plan.core, built.functions)
-    if plan.core is not plan.group:
-        run = _views_around(plan, run)
-        name = f"{name}_views{group_key(plan.group, 'cpu')[:6]}"
-    ops = tuple(node.op for node in plan.group.nodes)
-    return Kernel(name, "cpu", built.script, "tir", run, ops=ops, extra_sources=built.extra_sources,
-                  source_path=built.source_path)
-
-
-def _views_around(plan: _Plan, core_run):
-    binder = ShapeBinder(plan.group.inputs)
-
-    def view(node, value, bindings):
-        attrs = {k: concrete_attr(v, bindings) for k, v in node.attrs.items()}
-        return get_op(node.op).reference(value, **attrs)
-
-    def run(*args):
-        bindings = binder.bindings(args)
-        env = dict(zip(plan.group.inputs, args))
-        for node in plan.before:
-            env[node] = view(node, env[node.inputs[0]], bindings)
-        result = core_run(*(env[v] for v in plan.operands))
-        for node in plan.after:
-            result = view(node, result, bindings)
-        return result
-
-    return run
+        return build_count
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _ProgramBackend:
     """The kernel cache's backend contract for whole-graph programs (program.py): keyed by
-    the graph's text (weights are arguments, so their values are not part of it)."""
+    the graph's text (weights are arguments, so their values are not part of it). `load`
+    runs the saved program through TVM's runtime library alone (vm.py): no tvm import."""
 
     @staticmethod
     def key(graph: Graph, target: str, versions: tuple) -> str:
@@ -159,15 +86,16 @@ class _ProgramBackend:
     @staticmethod
     def emit(graph: Graph, directory: Path):
         from ...passes.partition import partition
+        from .kernels import plan_of
         from .program import build_program
 
-        program = build_program(graph, partition(graph), _plan)
+        program = build_program(graph, partition(graph), plan_of)
         program.save(directory)
         return program
 
     @staticmethod
     def load(graph: Graph, directory: Path):
-        from .program import Program
+        from .vm import Program
 
         return Program.load(directory)
 

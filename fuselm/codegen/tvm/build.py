@@ -5,20 +5,13 @@ Kernels are built once for symbolic sizes: each IR symbol (`T`, `N`, ...) become
 TIR variable, so a new token count reuses the built module. `build_count()` counts
 builds, which tests read to prove that a second size did not trigger codegen.
 
-Kernels are built for this machine's CPU (LLVM's `-mcpu` of the host) unless
-`use_mcpu(...)` names another: `fuselm build --mcpu generic` builds for any x86-64 with
-AVX2 (`x86-64-v3`). The CPU is part of every kernel cache key (registered with the
-cache below), so kernels built for two CPUs never share an entry, and `cpu_features`
-lists the instruction-set extensions a CPU's kernels may use, which an artifact records
-and checks against `host_cpu_features()` before it loads them.
+Kernels are built for the CPU `host.mcpu()` names: this machine's unless `use_mcpu(...)`
+names another (host.py, which also keys the kernel cache by it).
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,10 +20,10 @@ import sympy
 import tvm
 from tvm import tirx
 
-from ...errors import FuselmError, UnsupportedKernelError
+from ...errors import UnsupportedKernelError
 from ...ir.graph import Graph, Input
 from ...ir.types import evaluate_dim
-from ..cache import register_key_setting
+from .host import mcpu
 
 _built = [0]  # modules built by this process
 TIR_DTYPES = {
@@ -46,38 +39,6 @@ SERIAL_MAX = 1 << 14
 def build_count() -> int:
     """How many TVM modules this process has built."""
     return _built[0]
-
-
-# `--mcpu` spellings -> LLVM CPU names ("native": this machine's, resolved when used)
-MCPU_CHOICES = {"native": None, "generic": "x86-64-v3"}  # x86-64-v3: AVX2, FMA, BMI2, F16C, MOVBE
-_mcpu: contextvars.ContextVar = contextvars.ContextVar("fuselm_mcpu", default=None)  # None: the host's
-# LLVM's feature lists mix instruction-set extensions with tuning flags (`fast-*`,
-# `slow-*`, `macrofusion`, ...), which change how code is scheduled, not which
-# instructions it needs: those are left out of what an artifact requires of a CPU.
-_TUNING_FEATURE = re.compile(
-    r"(fast|faster|slow|false-deps|tuning|prefer|no-bypass-delay|use-glm|use-slm|lea)-"
-    r"|(branchfusion|macrofusion|sbb-dep-breaking|allow-light-256-bit|pad-short-functions|vzeroupper|"
-    r"branch-hint|ermsb|fsrm|idivl-to-divb|idivq-to-divl|64bit-mode|32bit-mode|16bit-mode)$")
-
-
-@contextlib.contextmanager
-def use_mcpu(mcpu):
-    """While active (in this thread), kernels are built, and cache-keyed, for `mcpu`: an
-    LLVM CPU name, a `MCPU_CHOICES` spelling ("native", "generic"), or None (the host's)."""
-    name, triple = MCPU_CHOICES.get(mcpu, mcpu), tvm.target.codegen.llvm_get_system_triple()
-    if name is not None and not tvm.target.codegen.llvm_is_valid_cpu(name, triple):
-        raise FuselmError(f"LLVM knows no CPU {name!r} for {triple}; use one of {sorted(MCPU_CHOICES)} or an "
-                          "LLVM CPU name")
-    token = _mcpu.set(name)
-    try:
-        yield
-    finally:
-        _mcpu.reset(token)
-
-
-def mcpu() -> str:
-    """The LLVM CPU kernels are built for now: `use_mcpu`'s, else the host's (e.g. "znver3")."""
-    return _mcpu.get() or tvm.target.codegen.llvm_get_system_cpu()
 
 
 def target() -> tvm.target.Target:
@@ -98,23 +59,6 @@ def vector_lanes() -> int:
 def _lanes_for(cpu: str) -> int:
     with _target_for(cpu):
         return 16 if tvm.target.codegen.target_has_features("avx512f", _target_for(cpu)) else 8
-
-
-@functools.cache
-def cpu_features(cpu: str) -> tuple:
-    """The instruction-set extensions LLVM lets kernels built for `cpu` use, sorted
-    (LLVM's names: "avx2", "fma", "sse4.2", ...; its tuning flags left out)."""
-    with _target_for(cpu):
-        features = tvm.target.codegen.llvm_get_cpu_features(_target_for(cpu))
-    return tuple(sorted(str(f) for f in features if not _TUNING_FEATURE.match(str(f))))
-
-
-def host_cpu_features() -> tuple:
-    """`cpu_features` of this machine's CPU, as LLVM identifies it."""
-    return cpu_features(tvm.target.codegen.llvm_get_system_cpu())
-
-
-register_key_setting("fuselm.codegen.tvm", lambda: f"mcpu={mcpu()}")
 
 
 def tir_dtype(ir_dtype: str) -> str:

@@ -20,16 +20,14 @@ A forward is then one VM call with one `call_tir` per kernel launch and no Pytho
 between. A group no kernel computes (a fallback op, or ops no emitter takes) is a
 `call_pure_packed` of a function `Program.bind` registers under `fallback_name(group)`:
 the IR reference, run by torch (the only Python a forward then runs). `build_program`
-compiles the module (tvm.compile), `Program` runs it; a graph with complex values is
-refused with `UnsupportedKernelError` (the Python executor runs it).
+compiles the module (tvm.compile); vm.py's `Program` runs it (and runs a saved one
+without importing tvm); a graph with complex values is refused with
+`UnsupportedKernelError` (the Python executor runs it).
 """
 from __future__ import annotations
 
 import functools
-import json
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import sympy
@@ -44,8 +42,8 @@ from ...ir.registry import get_op
 from ...ir.types import TensorType
 from ...passes.partition import KernelGroup, ViewStep
 from ..kernel import group_key
-from ..memory import kernel_ready
 from .build import INDEX, Dims, ShapeBinder, target, tir_dtype
+from .vm import Program, fallback_name
 
 _analyzer = tvm.sym.Analyzer()
 
@@ -325,85 +323,13 @@ def _simplify(expr):
     return expr if isinstance(expr, (int, bool)) else _analyzer.simplify(expr)
 
 
-# ----------------------------------------------------------------------------- build, save, load, run
-LIBRARY, DESCRIPTION, SCRIPT = "program.so", "program.json", "program.relax"
-
-
-def fallback_name(group: Graph) -> str:
-    """The global function a program calls for a group no kernel computes."""
-    return f"fuselm.fallback.{group_key(group, 'cpu')}"
-
-
-def build_program(graph: Graph, steps: list, plan_of: Callable) -> "Program":
-    """Compile the graph's steps into one VM executable."""
+# ----------------------------------------------------------------------------- build
+def build_program(graph: Graph, steps: list, plan_of: Callable) -> Program:
+    """Compile the graph's steps into one VM executable (vm.py's Program runs it)."""
     if any(v.type.is_complex for v in [*graph.inputs, *graph.nodes]):
         raise UnsupportedKernelError("complex values have no cpu program (the executor runs the graph)")
     builder = ProgramBuilder(graph, steps, plan_of)
     module = builder.build_module()
     executable = tvm.compile(module, target=target())
-    return Program(executable, builder.weight_names, builder.launches, module.script(), builder.fallbacks)
-
-
-class Program:
-    """A built program and the VM that runs it: `program(*inputs)` once `bind`.
-    Its `name` and `ops` are what the kernel cache's marker records."""
-
-    name = "program"
-    ops: tuple = ()
-
-    def __init__(self, executable, weight_names: list, launches: int, script: str = "", fallbacks: list = ()):
-        self.executable, self.weight_names, self.launches, self.script = executable, weight_names, launches, script
-        self.fallbacks = list(fallbacks)  # the registered functions it calls (groups without a kernel)
-        self.vm = self._main = self._weights = None  # made by `bind` (the VM resolves its functions then)
-        self._lock = threading.Lock()  # a VM runs one call at a time (its frames are its own state)
-        self.calls = 0  # forwards run (tests read it: one VM call per forward)
-
-    def bind(self, constants: dict, steps: list) -> "Program":
-        """Ready to run: the weights as TVM tensors sharing torch's memory (converted once),
-        and each fallback group's IR reference registered under the name the program calls."""
-        tensors = [tvm.runtime.from_dlpack(kernel_ready(constants[name])) for name in self.weight_names]
-        self._weights = tvm.runtime.convert(tensors)
-        groups = {fallback_name(s.graph): s.graph for s in steps if isinstance(s, KernelGroup)}
-        for name in self.fallbacks:
-            tvm.register_global_func(name, _torch_function(groups[name]), override=True)
-        self.vm = relax.VirtualMachine(self.executable, tvm.cpu())
-        self._main = self.vm["main"]
-        return self
-
-    def __call__(self, *inputs):
-        if self._weights is None:
-            raise RuntimeError("Program.bind must be called before the program runs")
-        inputs = [kernel_ready(t) for t in inputs]
-        with self._lock:
-            self.calls += 1
-            results = self._main(*inputs, self._weights)
-        return tuple(torch.from_dlpack(r) for r in results)
-
-    def save(self, directory) -> None:
-        """program.so (export_library), program.json (weights, launches), program.relax."""
-        directory = Path(directory)
-        self.executable.export_library(str(directory / LIBRARY))
-        (directory / DESCRIPTION).write_text(json.dumps({"weights": self.weight_names, "launches": self.launches,
-                                                        "fallbacks": self.fallbacks}))
-        (directory / SCRIPT).write_text(self.script)
-
-    @staticmethod
-    def load(directory) -> "Program":
-        """What `save` wrote, without building anything."""
-        directory = Path(directory)
-        description = json.loads((directory / DESCRIPTION).read_text())
-        executable = tvm.runtime.load_module(str(directory / LIBRARY))
-        script = (directory / SCRIPT).read_text() if (directory / SCRIPT).exists() else ""
-        return Program(executable, description["weights"], description["launches"], script,
-                       description.get("fallbacks", []))
-
-
-def _torch_function(group: Graph):
-    """The group's IR reference (torch) as a function of TVM tensors, for the VM."""
-    from ...ir.interpreter import interpret
-
-    def run(*tensors):
-        result = interpret(group, *(torch.from_dlpack(t) for t in tensors))
-        return tvm.runtime.from_dlpack(kernel_ready(result))
-
-    return run
+    return Program(executable.jit(), builder.weight_names, builder.launches, module.script(), builder.fallbacks,
+                   executable=executable)
