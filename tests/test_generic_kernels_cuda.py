@@ -152,6 +152,21 @@ def test_binary_broadcast_scalars_and_dtypes(op, kernel_dir):
         check(one_op(op, ((3, "T"), "bool"), ((1, "T"), "bool")), [mask(3, 5), mask(1, 5, seed=1)], kernel_dir)
 
 
+def test_pow_of_negative_bases_special_values_and_integers(kernel_dir):
+    """torch.pow's sign for odd whole exponents, NaN for fractional ones, C99's special
+    values (0, +-inf, NaN, -0, (-1)^inf), tensor and literal exponents, and integers."""
+    inf, nan = math.inf, math.nan
+    bases = torch.tensor([-2.0, -2.0, -3.0, -0.5, 2.0, -0.0, -0.0, 0.0, -inf, -inf, -1.0, 1.0, nan, nan, -2.0, 7.0])
+    exponents = torch.tensor([3.0, 2.0, -3.0, 0.5, -1.5, 3.0, -1.0, -2.0, 3.0, 0.5, inf, nan, 0.0, 2.0, 11.0, 9.0])
+    check(one_op("pow", ((16,), "f32"), ((16,), "f32")), [bases, exponents], kernel_dir, tol=1e-5)
+    for exponent in (5, -6, 2.5, 0.5, -0.5):  # literal exponents beside the products of 1..4
+        check(one_op("pow", (("T",), "f32"), scalar=exponent), [bases], kernel_dir, tol=1e-5)
+    ints = randint(3, 1, 6)
+    powers = randint(5, 6, low=-3, high=12, seed=1)
+    check(one_op("pow", (("T", 1, 6), "i32"), ((5, 6), "i32")), [ints, powers], kernel_dir)
+    check(one_op("pow", (("T", 6), "i64"), scalar=7), [randint(4, 6, dtype=torch.int64)], kernel_dir)
+
+
 COVERED_ELSEWHERE = ("cast", "where", "masked_fill", "concat", "index_select", "full", "arange", "gather",
                      "tril", "triu", "sum", "mean", "amax", "amin", "argmax", "argmin", "var", "softmax",
                      "log_softmax", "cumsum", "matmul")

@@ -130,6 +130,39 @@ def floor_divide_float(a, b):
     zero = tl.where(a / b < 0, -0.0, 0.0)
     return tl.where(b == 0, a / b, tl.where(div == 0, zero, down))
 ''',
+    "pow_float": '''@triton.jit
+def pow_float(x, y):
+    """torch.pow of floats (C99's pow): |x|^y as 2^(y log2|x|), which carries inf, 0 and NaN
+    through; the sign of x (-0 included) for an odd integer y; NaN for a finite x < 0 and a
+    finite y that is not an integer; 1 for y = 0, x = 1 and (-1)^+-inf."""
+    y = tl.where(x == x, y, y).to(x.dtype)  # a literal exponent as a tensor like x (the branches agree)
+    m = tl.exp2(y * tl.log2(tl.abs(x)))
+    integral = tl.floor(y) == y
+    odd = integral & (tl.abs(y) < 16777216.0) & (tl.floor(y * 0.5) * 2.0 != y)
+    negative = (x < 0) | ((x == 0) & (1.0 / x < 0))
+    result = tl.where(odd & negative, -m, m)
+    finite_negative = (x < 0) & (x > -float("inf")) & (tl.abs(y) < float("inf"))
+    result = tl.where(finite_negative & ~integral, float("nan"), result)
+    unit = (y == 0) | (x == 1) | ((x == -1) & (tl.abs(y) == float("inf")))
+    return tl.where(unit, 1.0, result)
+''',
+    "pow_int": '''@triton.jit
+def pow_int(x, y):
+    """torch.pow of integers: square and multiply over the exponent's bits (wrapping as
+    torch's does); a negative exponent gives 1 / x^|y| truncated: 1 for x = 1, +-1 for
+    x = -1, else 0."""
+    y = y + x * 0  # both broadcast to the result's shape (a literal exponent made a tensor)
+    base = x + y * 0
+    exponent = y
+    result = base * 0 + 1
+    for _ in range(64):
+        result = tl.where((exponent & 1) != 0, result * base, result)
+        base = base * base
+        exponent = exponent >> 1
+    odd = (y & 1) != 0
+    inverse = tl.where(x == 1, 1, tl.where(x == -1, tl.where(odd, -1, 1), 0))
+    return tl.where(y < 0, inverse, result)
+''',
 }
 HELPERS = {**ACTIVATIONS, **POINTWISE_HELPERS, "nf4_level": nf4_level_source()}
 
@@ -404,7 +437,9 @@ def pointwise_expression(node: Node, args: list, helpers: set, scalar_text: str 
             scalar = f"tl.full((), {scalar}, {ctype})"
         args = [scalar, args[0]] if attrs.get("reverse", False) else [args[0], scalar]
     if op == "pow":
-        return _pow(*args)
+        expression = _pow(*args, is_float)
+        helpers.update(name for name in ("pow_float", "pow_int") if expression.startswith(name))
+        return expression
     if op == "gelu":
         op = "gelu_tanh" if attrs.get("approximate", "none") == "tanh" else "gelu"
         expression = f"{op}({args[0]})"
@@ -442,17 +477,19 @@ def _cast(dst: str, a: str) -> str:
     return f"{a}.to({compute_dtype(dst)})"
 
 
-def _pow(a: str, b: str) -> str:
+def _pow(a: str, b: str, is_float: bool) -> str:
+    """Literal exponents torch computes otherwise as it does (+-0.5: sqrt, rsqrt; small
+    whole ones: products); the rest by the pow_float / pow_int helpers."""
     try:
         exponent = float(b)
     except ValueError:
-        return f"tl.exp2({b} * tl.log2({a}))"  # tensor exponents: positive bases only
-    if exponent == 0.5:
-        return f"tl.sqrt({a})"
-    if exponent.is_integer() and 0 < abs(exponent) <= 4:
+        exponent = None  # a tensor exponent
+    if is_float and exponent in (0.5, -0.5):
+        return f"tl.sqrt({a})" if exponent > 0 else f"tl.rsqrt({a})"
+    if exponent is not None and exponent.is_integer() and 0 < abs(exponent) <= 4 and (is_float or exponent > 0):
         product = " * ".join([a] * int(abs(exponent)))
         return product if exponent > 0 else f"1.0 / ({product})"
-    return f"tl.exp2({exponent!r} * tl.log2({a}))"  # positive bases only
+    return f"pow_float({a}, {b})" if is_float else f"pow_int({a}, {b})"
 
 
 def _kernel(n_inputs: int, codegen: IndexCodegen, ranks: list) -> str:
