@@ -5,6 +5,8 @@ each a few vectors of partial results; then the partials), reductions over an ou
 dims, chunks that do not divide, widths that are not vector multiples), symbolic sizes,
 NaN and infinities, integer, fp16 and bool inputs, keepdim and negative dims; amax, amin,
 argmax and integer sums exactly, float sums within a rounding error of their size.
+Softmax and log_softmax over an outer dim too (their max and sum read by rows, log(sum) or
+1 / sum kept per result), with columns of NaN, infinities and -inf only.
 """
 from __future__ import annotations
 
@@ -62,6 +64,21 @@ LAST_DIM = [
     ("argmax", (T, 4099), F, {"dim": -1}),
     ("argmax", (32, 49152), F, {"dim": 1}),
     ("argmin", (9, 80), I, {"dim": -1}),
+]
+SOFTMAX_OUTER_DIMS = [
+    ("softmax", (3, 17, 5), F, {"dim": 1}),  # 5 columns: less than a vector
+    ("log_softmax", (33, 7), F, {"dim": 0}),
+    ("softmax", (12, 128, 128), F, {"dim": 1}),  # attention scores: rows of 4 vectors of columns
+    ("log_softmax", (12, 128, 128), F, {"dim": 0}),
+    ("softmax", (64, 48), F, {"dim": -2}),  # 3 vectors of columns
+    ("log_softmax", (2, 3, 40, 5), F, {"dim": 1}),  # 200 columns (two dims), not a vector multiple
+    ("softmax", (T, 1, 80), F, {"dim": 0}),  # a symbolic reduced dim
+    ("log_softmax", (4, T, 64), F, {"dim": 1}),
+    ("softmax", (6, T), F, {"dim": 0}),  # symbolic columns
+    ("softmax", (5, 64, 1), F, {"dim": 1}),  # only size-1 dims after it: no columns, a plain reduction
+    ("log_softmax", (1, 1, 9), F, {"dim": 1}),  # a dim of 1
+    ("softmax", (7, 200), H, {"dim": 0}),  # fp16 in fp32
+    ("log_softmax", (9, 33), H, {"dim": -2}),
 ]
 EXACT = ("amax", "amin", "argmax", "argmin")
 
@@ -152,6 +169,33 @@ def test_sum_over_rows_accumulates_several_vectors_of_columns():
     b = GraphBuilder()
     kernel = cpu.emit(b.build([b.op("sum", b.input("x", TensorType((512, 1536), F)), dims=(0,))]))
     assert "T.parallel" in kernel.source and "T.vectorized" in kernel.source and "T.unroll(4)" in kernel.source
+
+
+@pytest.mark.parametrize("case", SOFTMAX_OUTER_DIMS, ids=case_id)
+def test_softmax_over_an_outer_dim(case):
+    check(*case)
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_softmax_over_an_outer_dim_reads_rows_and_keeps_one_scale_per_column(op):
+    source = cpu.emit(_group(op, (12, 128, 128), dim=1)).source
+    assert "T.unroll(4)" in source  # the max and sum: rows of 4 vector accumulators
+    assert f"{op}_1_{'log' if op == 'log_softmax' else 'scale'}_kept" in source
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("width", [5, 64])
+def test_softmax_columns_of_nan_and_infinities(op, width):
+    """Over dim 0 and 1 (of a 3-d tensor), columns of plain values, all -inf (NaN, as
+    torch), a NaN, +inf (NaN), -inf among finite values (0, or -inf for log_softmax), two
+    +inf, in a vector-wide layout and an odd one: as torch."""
+    columns = torch.tensor([[1.0, 2.0, 3.0], [-math.inf] * 3, [math.nan, 1.0, 2.0], [math.inf, 1.0, 2.0],
+                            [-math.inf, 0.0, 1.0], [math.inf, math.inf, 1.0], [-1.0, 5.0, -3.0]])
+    x = columns.repeat(13, 1)[:width].T.contiguous()  # [3, width]: the columns reduced over dim 0
+    for dim, shaped in ((0, x), (1, x.reshape(1, 3, width).expand(2, 3, width).contiguous())):
+        expected = getattr(torch, op)(shaped, dim=dim)
+        for run in runs(cpu.emit(_group(op, tuple(shaped.shape), dim=dim)), shaped):
+            torch.testing.assert_close(run, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("op", ["argmax", "argmin"])

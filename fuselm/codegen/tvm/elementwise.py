@@ -13,7 +13,8 @@ The schedule, in order:
    reduction runs on its own, parallel over its own output. Which is which follows from
    how the output reads it, not from its shape (`_OutputAxes`): softmax over dim 1 of
    [b, n, n] has a max of shape [b, n] as its rows are, but per (b, column), which
-   each row reads whole. A reduction over a static
+   each row reads whole (lowering.py has it read the input by rows there, into vectors
+   of adjacent columns' results: `_read_rows`). A reduction over a static
    multiple of the vector width is split per lane first (rfactor: a vector of partial
    results, then a sum of lanes), so its inner loop is vectorized too. A compute whose
    name ends in `_kept` is treated like a reduction (materialized per row, not

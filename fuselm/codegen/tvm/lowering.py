@@ -781,9 +781,13 @@ def _softmax(ctx: Lowering, node, args):
     """In fp32 for fp16 / bf16 (as torch's cpu kernel; fp16 vectors also build slowly): the
     row max, the sum of exp(x - max), then x - max - log(sum), or for softmax exp(x - max)
     (kept per row, so that exp runs once per element) times 1 / sum (as torch's cpu kernel).
-    Over the last dim, the max and the sum take `_row_reduce`'s vector lanes. The max (te's,
-    tirx.max) drops a NaN, but exp(NaN - max) is NaN, so the row's sum, so the whole row (as
-    torch); a row of -inf has max -FLT_MAX (te's identity), sum 0, so NaN (as torch)."""
+    Over the last dim, the max and the sum take `_row_reduce`'s vector lanes. Over an outer
+    dim (a later dim not 1: the reduced values lie in columns), they read the input by
+    rows into vectors of adjacent results (`_read_rows`), and log(sum) or 1 / sum is kept
+    per result (`_per_result`): the output's vectors run along the results, so inline
+    it would be a log or a division per element. The max (te's, tirx.max) drops a NaN,
+    but exp(NaN - max) is NaN, so the row's sum, so the whole row (as torch); a row of
+    -inf has max -FLT_MAX (te's identity), sum 0, so NaN (as torch)."""
     x_type, out_dtype = node.inputs[0].type, tir_dtype(node.type.dtype)
     dtype = accumulator(out_dtype)
     dim = node.attrs["dim"] % x_type.rank
@@ -795,24 +799,42 @@ def _softmax(ctx: Lowering, node, args):
         return cast(args[0](*i[:dim], j, *i[dim:]), dtype)
 
     lanes = dim == x_type.rank - 1 and any(d != 1 for d in x_type.shape[:dim])  # rows apart from the row loop
+    columns = any(d != 1 for d in x_type.shape[dim + 1:])
 
     def reduce(read, reducer, suffix):
         if lanes:
             return _row_reduce(ctx, rows, shape[dim], read, reducer, f"{name}_{suffix}")
         k = te.reduce_axis((0, shape[dim]), name="k")
-        return te.compute(rows, lambda *i: reducer(read(i, k), axis=k), name=f"{name}_{suffix}")
+        over = [k, te.reduce_axis((0, 1), name="unit")] if columns else [k]  # `_reduce_over`'s by_rows
+        if columns:
+            _read_rows(ctx, f"{name}_{suffix}")
+        return te.compute(rows, lambda *i: reducer(read(i, k), axis=over), name=f"{name}_{suffix}")
+
+    def per_result(fn, suffix):  # fn of a result index: kept over an outer dim, else inline (once per row)
+        return _per_result(ctx, rows, fn, f"{name}_{suffix}") if columns else fn
 
     peak = reduce(at, te.max, "max")
     if node.op == "log_softmax":
         total = reduce(lambda i, j: fastmath.exp(at(i, j) - peak(*i)), te.sum, "sum")
+        log = fastmath.log if columns else tirx.log  # kept, a vector loop: libm's log is one call per lane
+        logs = per_result(lambda *i: log(total(*i)), "log")
         return te.compute(shape, lambda *i: cast(at(_row(i, dim), i[dim]) - peak(*_row(i, dim))
-                                                 - tirx.log(total(*_row(i, dim))), out_dtype), name=name)
+                                                 - logs(*_row(i, dim)), out_dtype), name=name)
     exps = te.compute(shape, lambda *i: fastmath.exp(at(_row(i, dim), i[dim]) - peak(*_row(i, dim))),
                       name=f"{name}_exp{KEEP}")
     ctx.refinements.append(lambda sch: _vectorize_innermost(sch, exps.op.name))
     total = reduce(lambda i, j: exps(*i[:dim], j, *i[dim:]), te.sum, "sum")
     one = tirx.const(1.0, dtype)
-    return te.compute(shape, lambda *i: cast(exps(*i) * (one / total(*_row(i, dim))), out_dtype), name=name)
+    scale = per_result(lambda *i: one / total(*i), "scale")
+    return te.compute(shape, lambda *i: cast(exps(*i) * scale(*_row(i, dim)), out_dtype), name=name)
+
+
+def _per_result(ctx: Lowering, rows: list, fn, name: str) -> te.Tensor:
+    """fn at each index of `rows`, kept (computed once each, its innermost loop vectorized
+    when a multiple of the vector width)."""
+    kept = te.compute(rows, fn, name=f"{name}{KEEP}")
+    ctx.refinements.append(lambda sch: _vectorize_innermost(sch, kept.op.name))
+    return kept
 
 
 def _row(index, dim: int) -> tuple:
