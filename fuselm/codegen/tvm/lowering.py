@@ -308,7 +308,25 @@ def _binary(ctx: Lowering, node, args):
     if node.op in _MODULO:
         return _modulo(ctx, node, dtype, lambda i: (operands[0](i), operands[1](i)))
     fn = _BINARY[node.op]
+    if node.op == "pow" and _pow_is_expansive(dtype, operands[1]((0,) * node.type.rank)):
+        return _kept(ctx, node, lambda *i: fn(operands[0](i), operands[1](i)))
     return ctx.compute(node, lambda *i: fn(operands[0](i), operands[1](i)))
+
+
+def _pow_is_expansive(dtype: str, exponent) -> bool:
+    """Whether pow is fastmath's (log2 and exp2 polynomials in fp64 behind lets)."""
+    return dtype.startswith(("float", "bfloat")) and dtype != "float64" and not (
+        isinstance(exponent, tirx.FloatImm) and exponent.value in _POW_BY)
+
+
+def _kept(ctx: Lowering, node, fn) -> te.Tensor:
+    """The node's values computed in a block of their own, per row, vectorized: what reads
+    them loads them. An expression of many lets (fastmath's pow) inlined into another op's
+    lets makes TVM's passes and LLVM codegen bind each let's value with the lets before it
+    substituted: minutes of build for a fused group; a buffer between them cuts that."""
+    kept = ctx.compute(node, fn, name=ctx.name(node.op) + KEEP)
+    ctx.refinements.append(lambda sch: _vectorize_innermost(sch, kept.op.name))
+    return kept
 
 
 def _modulo(ctx: Lowering, node, dtype: str, operands):
