@@ -315,3 +315,23 @@ def test_comparison_with_the_scalar_first():
     """`1 >= x` (reverse=True): the reference once called torch.ge(int, Tensor), which torch refuses."""
     for dtype in (I, F):
         check(one_op_group("ge", c(((T, 6), dtype), scalar=1, reverse=True)), c(((T, 6), dtype), scalar=1, reverse=True))
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "f32", "f64"])
+def test_isnan_and_ne_read_nan_from_the_bits_of_every_float_dtype(dtype):
+    """isnan as a bit test (exponent all ones, mantissa not zero): NaNs of either sign and
+    payload, not inf, not the largest finite values; `ne` true where either side is NaN."""
+    torch_dtype = TensorType((), dtype).torch_dtype
+    info = torch.finfo(torch_dtype)
+    values = torch.tensor([0.0, -0.0, 1.0, math.inf, -math.inf, math.nan, -math.nan, info.max, -info.max,
+                           info.tiny, info.smallest_normal / 4, 3.5], dtype=torch_dtype)
+    values = torch.cat([values, -values.abs()[5:6].neg(), torch.randn(29).to(torch_dtype)])  # 42: not a multiple
+    b = GraphBuilder()
+    x = b.input("x", TensorType((values.numel(),), dtype))
+    isnan = cpu.emit(b.build([b.op("isnan", x)]))
+    assert torch.equal(isnan.run(values), values.isnan())
+    b = GraphBuilder()
+    x, y = (b.input(n, TensorType((values.numel(),), dtype)) for n in "xy")
+    ne = cpu.emit(b.build([b.op("ne", x, y)]))
+    other = values.roll(1)
+    assert torch.equal(ne.run(values, other), values != other) and torch.equal(ne.run(values, values), values != values)
