@@ -296,6 +296,7 @@ def _binary(ctx: Lowering, node, args):
     # true division computes in the (float) result dtype; the others in torch's promoted one
     dtype = tir_dtype(node.type.dtype) if node.op == "div" else promoted_dtype(node)
     a_type = node.inputs[0].type
+    exponent = None  # pow's, when a scalar
     if len(args) == 2:
         b_type = node.inputs[1].type
         operands = [lambda i: cast(broadcast_read(args[0], a_type, i), dtype),
@@ -305,11 +306,17 @@ def _binary(ctx: Lowering, node, args):
         operands = [lambda i: cast(broadcast_read(args[0], a_type, i), dtype), lambda i: scalar]
         if node.attrs.get("reverse", False):
             operands.reverse()
+        else:
+            exponent = scalar
     if node.op in _MODULO:
         return _modulo(ctx, node, dtype, lambda i: (operands[0](i), operands[1](i)))
     fn = _BINARY[node.op]
-    if node.op == "pow" and _pow_is_expansive(dtype, operands[1]((0,) * node.type.rank)):
-        return _kept(ctx, node, lambda *i: fn(operands[0](i), operands[1](i)))
+    if node.op == "pow" and _pow_is_expansive(dtype, exponent):
+        # an expression of many lets inlined into another op's lets makes TVM's passes and
+        # LLVM codegen bind each let's value with the lets before it substituted (minutes of
+        # build for a fused group): a block of its own between them cuts that
+        return _kept(ctx, ctx.compute(node, lambda *i: fn(operands[0](i), operands[1](i)),
+                                      name=ctx.name(node.op) + KEEP))
     return ctx.compute(node, lambda *i: fn(operands[0](i), operands[1](i)))
 
 
@@ -319,12 +326,9 @@ def _pow_is_expansive(dtype: str, exponent) -> bool:
         isinstance(exponent, tirx.FloatImm) and exponent.value in _POW_BY)
 
 
-def _kept(ctx: Lowering, node, fn) -> te.Tensor:
-    """The node's values computed in a block of their own, per row, vectorized: what reads
-    them loads them. An expression of many lets (fastmath's pow) inlined into another op's
-    lets makes TVM's passes and LLVM codegen bind each let's value with the lets before it
-    substituted: minutes of build for a fused group; a buffer between them cuts that."""
-    kept = ctx.compute(node, fn, name=ctx.name(node.op) + KEEP)
+def _kept(ctx: Lowering, kept: te.Tensor) -> te.Tensor:
+    """A compute named `..._kept` (computed in a block of its own, per row: what reads it
+    loads it), its innermost loop vectorized."""
     ctx.refinements.append(lambda sch: _vectorize_innermost(sch, kept.op.name))
     return kept
 
@@ -337,14 +341,13 @@ def _modulo(ctx: Lowering, node, dtype: str, operands):
     fn = _MODULO[node.op]
     if not dtype.startswith(("float", "bfloat")) or dtype == "float64":
         return ctx.compute(node, lambda *i: fn(*operands(i)))
-    fast = ctx.compute(node, lambda *i: fn(*operands(i), fmod=_fmod_fast), name=ctx.name(node.op) + KEEP)
+    fast = _kept(ctx, ctx.compute(node, lambda *i: fn(*operands(i), fmod=_fmod_fast), name=ctx.name(node.op) + KEEP))
 
     def value(*i):
         a, b = operands(i)
         exact = cast(fn(a, b, bind=_inlined), tir_dtype(node.type.dtype))
         return tirx.if_then_else(_needs_libm(a, b), exact, fast(*i))
 
-    ctx.refinements.append(lambda sch: _vectorize_innermost(sch, fast.op.name))
     return ctx.compute(node, value)
 
 
@@ -805,7 +808,7 @@ def _softmax(ctx: Lowering, node, args):
     Over the last dim, the max and the sum take `_row_reduce`'s vector lanes. Over an outer
     dim (a later dim not 1: the reduced values lie in columns), they read the input by
     rows into vectors of adjacent results (`_read_rows`), and log(sum) or 1 / sum is kept
-    per result (`_per_result`): the output's vectors run along the results, so inline
+    per result (kept): the output's vectors run along the results, so inline
     it would be a log or a division per element. The max (te's, tirx.max) drops a NaN,
     but exp(NaN - max) is NaN, so the row's sum, so the whole row (as torch); a row of
     -inf has max -FLT_MAX (te's identity), sum 0, so NaN (as torch)."""
@@ -832,7 +835,7 @@ def _softmax(ctx: Lowering, node, args):
         return te.compute(rows, lambda *i: reducer(read(i, k), axis=over), name=f"{name}_{suffix}")
 
     def per_result(fn, suffix):  # fn of a result index: kept over an outer dim, else inline (once per row)
-        return _per_result(ctx, rows, fn, f"{name}_{suffix}") if columns else fn
+        return _kept(ctx, te.compute(rows, fn, name=f"{name}_{suffix}{KEEP}")) if columns else fn
 
     peak = reduce(at, te.max, "max")
     if node.op == "log_softmax":
@@ -841,21 +844,12 @@ def _softmax(ctx: Lowering, node, args):
         logs = per_result(lambda *i: log(total(*i)), "log")
         return te.compute(shape, lambda *i: cast(at(_row(i, dim), i[dim]) - peak(*_row(i, dim))
                                                  - logs(*_row(i, dim)), out_dtype), name=name)
-    exps = te.compute(shape, lambda *i: fastmath.exp(at(_row(i, dim), i[dim]) - peak(*_row(i, dim))),
-                      name=f"{name}_exp{KEEP}")
-    ctx.refinements.append(lambda sch: _vectorize_innermost(sch, exps.op.name))
+    exps = _kept(ctx, te.compute(shape, lambda *i: fastmath.exp(at(_row(i, dim), i[dim]) - peak(*_row(i, dim))),
+                                 name=f"{name}_exp{KEEP}"))
     total = reduce(lambda i, j: exps(*i[:dim], j, *i[dim:]), te.sum, "sum")
     one = tirx.const(1.0, dtype)
     scale = per_result(lambda *i: one / total(*i), "scale")
     return te.compute(shape, lambda *i: cast(exps(*i) * scale(*_row(i, dim)), out_dtype), name=name)
-
-
-def _per_result(ctx: Lowering, rows: list, fn, name: str) -> te.Tensor:
-    """fn at each index of `rows`, kept (computed once each, its innermost loop vectorized
-    when a multiple of the vector width)."""
-    kept = te.compute(rows, fn, name=f"{name}{KEEP}")
-    ctx.refinements.append(lambda sch: _vectorize_innermost(sch, kept.op.name))
-    return kept
 
 
 def _row(index, dim: int) -> tuple:
