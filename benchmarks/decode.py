@@ -32,7 +32,8 @@ torch.compile; SECTIONS=ceilings,llama), run as a subprocess after fuselm when t
 script is found (.anchor/gpu_anchor.py in the checkout, or shared/tools/). The anchor
 measures the TinyLlama shape only: ratios are printed for `--shape tinyllama`.
 
-`--quantize SCHEMES` (a comma list, or all: every scheme and gguf, the file's own Q4_1 /
+`--quantize SCHEMES` (a comma list, or all: every scheme but the -gptq ones, whose
+kernels are their base scheme's, and gguf, the file's own Q4_1 /
 Q8_0 blocks): on cpu, fuselm fp32 and fuselm with each
 scheme (`fuselm.LLM(quantize=...)`, one program a forward), each in its own subprocess,
 against the same transformers and llama.cpp runs; on cuda the schemes run on the random
@@ -308,9 +309,12 @@ def first_token_from_artifact(directory: Path) -> dict:
 
 def run_quantized(args) -> dict:
     """fuselm fp32, then fuselm with each scheme of --quantize, each alone."""
-    from fuselm.quant.config import PACKED, SCHEMES
+    from fuselm.quant.config import GPTQ, PACKED, SCHEMES
 
-    schemes = [*SCHEMES, PACKED] if args.quantize == "all" else args.quantize.split(",")
+    # "all": each format once (a -gptq scheme runs the kernels of the scheme it rounds)
+    schemes = args.quantize.split(",")
+    if args.quantize == "all":
+        schemes = [*(s for s in SCHEMES if not s.endswith(GPTQ)), PACKED]
     return {"fp32": run_fuselm(args), **{scheme: run_fuselm(args, quantize=scheme) for scheme in schemes}}
 
 

@@ -2,8 +2,9 @@
 
     python benchmarks/quality.py [--schemes int8,w8a8,nf4] [--tokens 2048] [--sentences 32]
 
-For each scheme (default: int8, w8a8, int4-g32, int4-g64, int4-g128, llm.int8, nf4, and
-gguf, SmolLM2's file served with its own blocks: load(packed=True), SmolLM2 only):
+For each scheme (default: int8, w8a8, int4-g32, int4-g64, int4-g128, llm.int8, nf4, their
+GPTQ-rounded forms int8-gptq ... nf4-gptq, and gguf, SmolLM2's file served with its own
+blocks: load(packed=True), SmolLM2 only):
 - SmolLM2-135M-Instruct (fuselm.models.load("smollm2-135m"): the Q4_1 GGUF, weights
   dequantized to fp32, which is the reference here), teacher-forced over `--tokens`
   tokens of English (the standard library's pydoc_data.topics, quant/calibration.py's
@@ -18,8 +19,8 @@ gguf, SmolLM2's file served with its own blocks: load(packed=True), SmolLM2 only
 - the quantized weights' bytes (every part: q, scales, offsets, SmoothQuant factors,
   LLM.int8's float outlier columns) against the fp32 bytes of the weights they replace.
 
-The evaluation text is another part of default_text() than the calibration: w8a8 and
-llm.int8 calibrate on its first 1,024 tokens (SmolLM2, as fuselm.LLM does by default)
+The evaluation text is another part of default_text() than the calibration: w8a8,
+llm.int8 and the -gptq schemes calibrate on its first 2,048 tokens (SmolLM2, as fuselm.LLM does by default)
 or its first sentences (MiniLM); the evaluation starts `--skip-chars` (200,000)
 characters in. Graphs run in the IR interpreter (fuselm.ir.interpret, the reference
 numerics of every op, qgemm included) on the captured and fused graph, quantized by the
@@ -58,9 +59,10 @@ from fuselm.passes import pipeline, run_passes  # noqa: E402
 from fuselm.passes.packed_weights import use_packed_weights  # noqa: E402
 from fuselm.passes.quantize import quantization_passes  # noqa: E402
 from fuselm.quant import QuantizeConfig  # noqa: E402
+from fuselm.quant.config import SCHEMES as QUANTIZE_SCHEMES  # noqa: E402
 from fuselm.quant.calibration import PROMPT_TOKENS, calibration_prompts, default_text  # noqa: E402
 
-SCHEMES = ("int8", "w8a8", "int4-g32", "int4-g64", "int4-g128", "llm.int8", "nf4", "gguf")
+SCHEMES = (*QUANTIZE_SCHEMES, "gguf")
 
 
 def peak_rss_gb() -> float:
@@ -147,7 +149,7 @@ def bench_smollm2(schemes: list, tokens: int, skip_chars: int, results: dict) ->
     fused = fused_graph(loaded)
     text = default_text()
 
-    calibration = calibration_prompts(tokenizer, None, vocab)  # fuselm.LLM's default: the first 1,024 tokens
+    calibration = calibration_prompts(tokenizer, None, vocab)  # fuselm.LLM's default: the first 2,048 tokens
     calibration_chars = len(tokenizer.decode([t for p in calibration for t in p]))
     samples = [pack_prompts(loaded.config, calibration, all_logits=True).as_tuple()]
     prompts = calibration_prompts(tokenizer, [text[skip_chars:]], vocab, tokens=tokens)
@@ -157,7 +159,7 @@ def bench_smollm2(schemes: list, tokens: int, skip_chars: int, results: dict) ->
     print(f"\nSmolLM2-135M-Instruct ({loaded.source.name}, run in fp32), {loaded.config.num_hidden_layers} layers, "
           f"vocab {vocab}; {len([n for n in fused.nodes if n.op == 'gemm'])} gemms in the fused graph")
     print(f"  text: pydoc_data.topics, {len(text):,} characters")
-    print(f"  calibration (w8a8, llm.int8): its first {sum(map(len, calibration)):,} tokens "
+    print(f"  calibration (w8a8, llm.int8, -gptq): its first {sum(map(len, calibration)):,} tokens "
           f"(characters 0..~{calibration_chars:,}), as {len(calibration)} prompts packed in one prefill")
     print(f"  evaluation: {total:,} tokens from character {skip_chars:,} on (..~{skip_chars + eval_chars:,}), "
           f"{len(prompts)} prompts of {PROMPT_TOKENS} tokens packed in one prefill, teacher-forced, all logits")
@@ -232,7 +234,7 @@ def bench_minilm(schemes: list, count: int, skip_chars: int, results: dict) -> N
     input_ids, mask = encoder_batch(loaded.tokenizer, sentences)
     print(f"\nall-MiniLM-L6-v2, {loaded.config.num_hidden_layers} layers, "
           f"{len([n for n in fused.nodes if n.op == 'gemm'])} gemms in the fused graph")
-    print(f"  calibration (w8a8, llm.int8): the first {len(calibration_sentences)} prose sentences of the text")
+    print(f"  calibration (w8a8, llm.int8, -gptq): the first {len(calibration_sentences)} prose sentences of the text")
     print(f"  evaluation: {len(sentences)} prose sentences from character {skip_chars:,} on, "
           f"{int(mask.sum())} tokens (padded to {tuple(input_ids.shape)}), mean pooled and L2-normalized")
     print(f"  e.g. {sentences[0]!r}")

@@ -9,7 +9,8 @@ importable subpackages. TVM and Triton are imported only when a target needs the
 torch only when `compile`, `CompiledModule`, `load`, `LLM` or `Encoder` is first used: `import fuselm` and
 the command line's argument parsing stay fast (and a Ctrl-C there is a clean exit).
 """
-from .errors import ArtifactError, CaptureError, FallbackWarning, FuselmError, UnsupportedKernelError, UnsupportedOpError
+from .errors import (ArtifactError, CalibrationWarning, CaptureError, FallbackWarning, FuselmError, UnsupportedKernelError,
+                     UnsupportedOpError)
 from .lazy import lazy_attributes
 from .quant.config import QuantizeConfig
 from .sampling_params import SamplingParams
@@ -21,4 +22,4 @@ __getattr__ = lazy_attributes(__name__, globals(), _LAZY)
 
 __version__ = "0.1.0"
 __all__ = ["compile", "CompiledModule", "load", "LLM", "Encoder", "SamplingParams", "QuantizeConfig", "FuselmError", "ArtifactError", "CaptureError", "FallbackWarning",
-           "UnsupportedKernelError", "UnsupportedOpError", "__version__"]
+           "CalibrationWarning", "UnsupportedKernelError", "UnsupportedOpError", "__version__"]

@@ -34,6 +34,11 @@ class IntegrityError(FuselmError):
     a file missing, changed or unexpected, other versions, or no valid manifest."""
 
 
+class CalibrationWarning(UserWarning):
+    """Quantization calibrated on too little data for its method (GPTQ on fewer input
+    rows than features): the result fits the samples and may be worse on other inputs."""
+
+
 class KernelCacheWarning(UserWarning):
     """A kernel cache entry on disk was corrupt or could not be loaded: it was rebuilt."""
 

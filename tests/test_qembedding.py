@@ -24,7 +24,7 @@ from fuselm.ir import GraphBuilder, TensorType  # noqa: E402
 from fuselm.ir import quant_ops  # noqa: E402
 from fuselm.ir.quant_ops import dequantize_weight, packed_columns  # noqa: E402
 from fuselm.ir.registry import IRTypeError  # noqa: E402
-from fuselm.quant.weights import QUANTIZERS  # noqa: E402
+from fuselm.quant.weights import GRIDS, encode  # noqa: E402
 
 # masked-off lanes hold placeholder values that the interpreter warns about
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -55,7 +55,7 @@ def kernel_dir(tmp_path_factory):
 def quantized_table(fmt: str, group_size: int, scale_dtype: str, k: int, n: int, seed: int = 0) -> dict:
     """The parts (q, scale[, offset]) of a random [n, k] weight quantized in `fmt`."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
-    return QUANTIZERS[fmt](w, group_size, SCALE_DTYPES[scale_dtype])
+    return encode(w, fmt, GRIDS[fmt](w, group_size, SCALE_DTYPES[scale_dtype]), group_size)
 
 
 def ir_type(t: torch.Tensor) -> TensorType:

@@ -50,14 +50,14 @@ def _fresh(inputs):
     return tuple(t.clone() for t in inputs.as_tuple())  # the cache is written in place
 
 
-def _calibration(smollm2):
-    prompts = calibration_prompts(smollm2.tokenizer, None, smollm2.config.vocab_size, tokens=256)
+def _calibration(smollm2, tokens=256):
+    prompts = calibration_prompts(smollm2.tokenizer, None, smollm2.config.vocab_size, tokens=tokens)
     return [pack_prompts(smollm2.config, prompts, all_logits=True).as_tuple()]
 
 
-def _quantized(fused, smollm2, scheme):
+def _quantized(fused, smollm2, scheme, calibration_tokens=256):
     config = QuantizeConfig(scheme)
-    samples = _calibration(smollm2) if config.needs_calibration else None
+    samples = _calibration(smollm2, calibration_tokens) if config.needs_calibration else None
     return run_passes(fused, quantization_passes(config, samples) + [("dead_code", lambda g: g)])
 
 
@@ -86,13 +86,16 @@ def test_smollm2_every_eligible_gemm_is_a_qgemm_of_packed_integers(smollm2_fused
     assert packed / replaced <= MAX_BYTES[config.format], packed / replaced
 
 
-# The issue asks 98% for int8; measured 96.5% here (95.6% over 2,048 tokens in
-# benchmarks/quality.py) with perplexity unchanged (21.51): 6.6% of these tokens have a
-# top-2 logit margin under 0.1, and even int8 with a scale per 8 weights flips 2.3% of
-# them. SmolLM2's weights come from its Q4_1 GGUF, so int4-g32 lands on the same grid.
-@pytest.mark.parametrize("scheme, least", [("int8", 0.95), ("int4-g32", 0.90)])
-def test_smollm2_top1_agreement_with_fp32(smollm2_fused, smollm2, smollm2_text, smollm2_fp32_logits, scheme, least):
-    quantized = _quantized(smollm2_fused, smollm2, scheme)
+# int8 rounded to nearest flips 3.4% of these tokens (perplexity unchanged, 21.51): 6.6%
+# of them have a top-2 logit margin under 0.1, and int8's rounding noise is ~8x bf16's
+# (bf16 alone flips 0.3%). GPTQ, calibrated on 2,048 tokens of another part of the text,
+# halves the output KL and keeps 98.6%. SmolLM2's weights come from its Q4_1 GGUF, so
+# int4-g32 lands on the same grid.
+@pytest.mark.parametrize("scheme, least, calibration_tokens",
+                         [("int8", 0.95, 0), ("int8-gptq", 0.98, 2048), ("int4-g32", 0.90, 0)])
+def test_smollm2_top1_agreement_with_fp32(smollm2_fused, smollm2, smollm2_text, smollm2_fp32_logits, scheme, least,
+                                          calibration_tokens):
+    quantized = _quantized(smollm2_fused, smollm2, scheme, calibration_tokens)
     assert quantized.op_counts()["qgemm"] >= 120
     logits = ir.interpret(quantized, *_fresh(smollm2_text))[0]
     assert logits.shape[0] >= 512

@@ -5,6 +5,8 @@ config; see quant/config.py), the weight is quantized with torch at compile time
 its parts (ir/quant_ops.py formats) and the gemm reads `dequantize(parts)` instead:
 
   weight-only (int8, int4-gN, nf4)   gemm(x, dequantize(@w.q, @w.scale[, @w.offset]))
+                                     rounded to nearest, or by GPTQ against the calibration
+                                     inputs' X^T X (the -gptq schemes; quant/gptq.py)
   w8a8                               gemm(quantize_dynamic(x * @w.smooth), dequantize(@w.q, @w.scale))
                                      with SmoothQuant's 1/s in @w.smooth and w * s quantized
   llm.int8                           gemm(quantize_dynamic(x, @w.keep),
@@ -14,16 +16,18 @@ its parts (ir/quant_ops.py formats) and the gemm reads `dequantize(parts)` inste
 The graph still computes in floating point: the interpreter runs it as it stands, which
 is the numerics of the scheme (what a Before/After check compares). fold_qgemm.py then
 folds each q/dq pair into one `qgemm` whose dequantization happens inside the kernel.
-w8a8 and llm.int8 read activation statistics from the calibration samples.
+w8a8 and llm.int8 read activation statistics from the calibration samples, GPTQ X^T X.
 """
 from __future__ import annotations
 
 import fnmatch
+import warnings
 
-from ..errors import FuselmError
+from ..errors import CalibrationWarning, FuselmError
 from ..ir.graph import Constant, Graph, transform
-from ..quant.calibration import activation_absmax
+from ..quant.calibration import activation_absmax, input_gram
 from ..quant.config import LM_HEAD, PACKED, QuantizeConfig
+from ..quant.gptq import gptq_quantize
 from ..quant.weights import outlier_features, quantize_weight, smoothing_factors
 from .base import counters
 
@@ -66,7 +70,9 @@ def insert_quantization(graph: Graph, config: QuantizeConfig, samples=None, reca
             def recaptured(sample):
                 other = recapture(sample)
                 return other, eligible_gemms(other, config)
-        stats = activation_absmax(graph, samples, nodes, recaptured if recapture is not None else None)
+        collect = input_gram if config.rounding == "gptq" else activation_absmax
+        stats = collect(graph, samples, nodes, recaptured if recapture is not None else None)
+    grams = _grams(nodes, stats, config) if config.rounding == "gptq" else {}
     wanted = set(nodes)
     shared: dict = {}  # weight name -> parts constants (weight-only schemes quantize a weight once)
 
@@ -96,7 +102,8 @@ def insert_quantization(graph: Graph, config: QuantizeConfig, samples=None, reca
         key = (name, config.scheme) if config.activations == "float" else None
         parts = shared.get(key)
         if parts is None:
-            tensors = quantize_weight(w, config.format, group_size)
+            tensors = (gptq_quantize(w, grams[name], config.format, group_size) if config.rounding == "gptq"
+                       else quantize_weight(w, config.format, group_size))
             parts = [builder.constant(builder.fresh_constant_name(f"{name}.{part}"), t) for part, t in tensors.items()]
             if key is not None:
                 shared[key] = parts
@@ -108,6 +115,25 @@ def insert_quantization(graph: Graph, config: QuantizeConfig, samples=None, reca
         return builder.op("gemm", x, dequantized, *extras, source=node.source, **node.attrs)
 
     return transform(graph, visit)
+
+
+def _grams(nodes: list, stats: dict, config: QuantizeConfig) -> dict:
+    """weight name -> X^T X summed over the gemms that read it (GPTQ), with a warning
+    when fewer calibration rows than input features made it: GPTQ's rounding then fits
+    those few inputs, and may do worse than rounding to nearest on others."""
+    grams, rows = {}, {}
+    for node in nodes:
+        name, (gram, count) = node.inputs[1].name, stats[node]
+        grams[name] = grams[name] + gram if name in grams else gram
+        rows[name] = rows.get(name, 0) + count
+    short = [(name, rows[name], grams[name].shape[0]) for name in grams if rows[name] < grams[name].shape[0]]
+    if short:
+        name, count, k = short[0]
+        warnings.warn(f"quantize={config.name!r}: GPTQ calibrated on {count} input rows for {k} input features "
+                      f"(weight {name}{f' and {len(short) - 1} more' if len(short) > 1 else ''}): its rounding "
+                      "fits those inputs; pass calibration= with more (thousands of tokens)", CalibrationWarning,
+                      stacklevel=2)
+    return grams
 
 
 def quantization_passes(config: QuantizeConfig, samples=None, recapture=None) -> list:

@@ -1,7 +1,8 @@
-"""Activation statistics on sample inputs: what w8a8 (SmoothQuant) and LLM.int8 need.
+"""Activation statistics on sample inputs: what w8a8 (SmoothQuant), LLM.int8 and GPTQ need.
 
-The graph runs in the IR interpreter on each sample; for the chosen gemm nodes the max
-|x| of every input feature (x's last dim) is collected over all rows of all samples.
+The graph runs in the IR interpreter on each sample; for the chosen gemm nodes a
+statistic of the input x (as [rows, K] over all rows of all samples) is accumulated: the
+max |x| of every input feature (`activation_absmax`), or X^T X (`input_gram`).
 """
 from __future__ import annotations
 
@@ -11,21 +12,45 @@ from ..errors import FuselmError
 from ..ir.graph import Graph
 from ..ir.interpreter import bind_symbols, interpret
 
+CALIBRATED = "w8a8, llm.int8 and the -gptq schemes"
+
 
 def activation_absmax(graph: Graph, samples, nodes: list, recapture=None) -> dict:
     """{node: f32 [K]}: max |x| per feature of each node's input 0 over `samples`
     (each a tuple of tensors, the graph's inputs in order). A sample of shapes the graph
     does not take (a static graph, other lengths) runs on `recapture(sample)` -> (the
     graph captured for it, its gemms matching `nodes` one to one), if given."""
-    absmax: dict = {}
+    def absmax(x: torch.Tensor, before):
+        row_max = x.abs().amax(dim=0) if x.shape[0] else torch.zeros(x.shape[-1])
+        return row_max if before is None else torch.maximum(before, row_max)
+
+    found = _accumulate(graph, samples, nodes, recapture, absmax)
+    return {node: found.get(node, torch.zeros(node.inputs[0].type.shape[-1])) for node in nodes}
+
+
+def input_gram(graph: Graph, samples, nodes: list, recapture=None) -> dict:
+    """{node: (f64 [K, K], rows)}: X^T X of each node's input 0 over all rows of
+    `samples` (as `activation_absmax` runs them), GPTQ's H up to a factor, and how many
+    rows it sums."""
+    def gram(x: torch.Tensor, before):
+        product = (x.T @ x).double()
+        return (product, x.shape[0]) if before is None else (before[0] + product, before[1] + x.shape[0])
+
+    found = _accumulate(graph, samples, nodes, recapture, gram)
+    k = {node: node.inputs[0].type.shape[-1] for node in nodes}
+    return {node: found.get(node, (torch.zeros(k[node], k[node], dtype=torch.float64), 0)) for node in nodes}
+
+
+def _accumulate(graph: Graph, samples, nodes: list, recapture, update) -> dict:
+    """{node: update(x, the value so far or None)} folded over the f32 [rows, K] input 0
+    of each node in `nodes` on every sample."""
+    found: dict = {}
 
     def observer(mapping: dict):
         def observe(node, inputs):
             if node in mapping:
                 target = mapping[node]
-                x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1]).abs()
-                row_max = x.amax(dim=0) if x.shape[0] else torch.zeros(x.shape[-1])
-                absmax[target] = torch.maximum(absmax[target], row_max) if target in absmax else row_max
+                found[target] = update(inputs[0].detach().float().reshape(-1, inputs[0].shape[-1]), found.get(target))
         return observe
 
     count = 0
@@ -51,11 +76,11 @@ def activation_absmax(graph: Graph, samples, nodes: list, recapture=None) -> dic
             interpret(run_on, *sample, observe=observer(mapping))
             count += 1
     if not count:
-        raise FuselmError("quantize: the calibration data is empty; w8a8 and llm.int8 need at least one sample")
-    return {node: absmax.get(node, torch.zeros(node.inputs[0].type.shape[-1])) for node in nodes}
+        raise FuselmError(f"quantize: the calibration data is empty; {CALIBRATED} need at least one sample")
+    return found
 
 
-CALIBRATION_TOKENS = 1024  # of the default text: enough for stable per-feature maxima
+CALIBRATION_TOKENS = 2048  # of the default text: stable per-feature maxima, and GPTQ's H of full rank
 PROMPT_TOKENS = 256  # the calibration text runs as prompts of this many tokens
 
 
@@ -83,5 +108,5 @@ def calibration_prompts(tokenizer, calibration, vocab_size: int, tokens: int = C
             break
     ids = ids[:tokens]
     if not ids:
-        raise FuselmError("quantize: the calibration data is empty; w8a8 and llm.int8 need at least one sample")
+        raise FuselmError(f"quantize: the calibration data is empty; {CALIBRATED} need at least one sample")
     return [ids[i:i + PROMPT_TOKENS] for i in range(0, len(ids), PROMPT_TOKENS)]
