@@ -1,7 +1,8 @@
 """The cpu qgemm kernels (codegen/tvm/qgemm.py) against the reference interpreter.
 
 One kernel per case serves every row count (M is symbolic): it runs at M = 1 (gemv1),
-3 (gemv), 17 and 130 (the tiled form, with a partial tile of rows), and `build_count`
+2 (gemv2), 3 and 6 (gemv: a partial and a whole-plus-partial tile of 4 rows), 17 and 130
+(the tiled form, with a partial tile of rows), and `build_count`
 proves that no new M rebuilt it. K and N are odd: K is not whole vectors, chunks or
 groups, N not whole tiles. Weights are random codes with scales (and offsets) around
 what quantizing a random weight gives. Float activations must match to 1e-4 of max|ref|;
@@ -19,7 +20,7 @@ from fuselm.ir import GraphBuilder, TensorType, symbol
 from fuselm.ir.quant_ops import groups, pack_nibbles, packed_columns
 
 T, B, S = symbol("T"), symbol("B"), symbol("S")
-ROWS = (1, 3, 17, 130)
+ROWS = (1, 2, 3, 6, 17, 130)
 
 
 def qgemm_group(fmt, k, n, group_size, steps=(), activations="float", scale_dtype="f32", smooth=False,

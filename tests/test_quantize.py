@@ -246,6 +246,15 @@ def test_gptq_on_fewer_rows_than_features_warns(block):
         run_passes(fused, quantization_passes(QuantizeConfig("int8-gptq"), [(x,)]))
 
 
+def test_gptq_refuses_calibration_inputs_that_are_not_finite():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(32, 8)
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(FuselmError, match=r"weight 0.weight as inf or NaN; GPTQ needs finite activations"):
+        fuselm.compile(model, (x,), quantize=QuantizeConfig("int8-gptq", calibration=[(bad,)]), cache_dir=None)
+
+
 def test_a_dump_shows_the_inserted_ops(block, tmp_path):
     model, x, fused = block
     run_passes(fused, quantization_passes(QuantizeConfig("w8a8"), [(x,)]), dump_dir=str(tmp_path))

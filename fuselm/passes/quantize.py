@@ -23,6 +23,8 @@ from __future__ import annotations
 import fnmatch
 import warnings
 
+import torch
+
 from ..errors import CalibrationWarning, FuselmError
 from ..ir.graph import Constant, Graph, transform
 from ..quant.calibration import activation_absmax, input_gram
@@ -126,6 +128,9 @@ def _grams(nodes: list, stats: dict, config: QuantizeConfig) -> dict:
         name, (gram, count) = node.inputs[1].name, stats[node]
         grams[name] = grams[name] + gram if name in grams else gram
         rows[name] = rows.get(name, 0) + count
+        if not torch.isfinite(gram).all():
+            raise FuselmError(f"quantize={config.name!r}: the calibration inputs reach the gemm of weight {name} as "
+                              "inf or NaN; GPTQ needs finite activations (check the calibration samples)")
     short = [(name, rows[name], grams[name].shape[0]) for name in grams if rows[name] < grams[name].shape[0]]
     if short:
         name, count, k = short[0]

@@ -51,6 +51,7 @@ from .build import const, operand_positions, single_node, tir_dtype, vector_lane
 
 OPS = ("gemm",)
 GEMV_MAX_ROWS = 16  # the row count up to which the `gemv` form beats `gemm`
+GEMV_FORMS = ((1, "gemv1"), (GEMV_MAX_ROWS, "gemv"))  # (most rows, form) in order; more rows: "gemm"
 _WITH_INPUT = ("bias", "residual")
 # The k16 forms' register tiles: (rows of x, panels, tiles per parallel block)
 PANEL_TILES = {"gemv1": (1, 4, 1), "gemv": (2, 2, 1), "gemm": (6, 1, 3)}
@@ -270,16 +271,19 @@ def make_run(group: Graph, functions):
     return rows_run(functions, spec.K, spec.n_out, _extra_widths(spec), positions[0], positions[1:2], positions[2:])
 
 
-def rows_run(functions: dict, K: int, n_out: int, widths: list, x_at: int, weight_at: list, extra_at: list):
+def rows_run(functions: dict, K: int, n_out: int, widths: list, x_at: int, weight_at: list, extra_at: list,
+             forms: tuple = GEMV_FORMS):
     """`make_run` of a gemm-like kernel (gemm, qgemm): x at `x_at` is flattened to rows,
     its weight tensors (at `weight_at`) and epilogue inputs (at `extra_at`, of last dims
-    `widths`) passed on, and the form picked by rows."""
-    gemv1, gemv, gemm = (functions[name] for name in ("gemv1", "gemv", "gemm"))
+    `widths`) passed on, and the form picked by rows: the first of `forms` ((most rows,
+    name), in order) that takes them, else gemm."""
+    by_rows = [(most, functions[name]) for most, name in forms]
+    gemm = functions["gemm"]
 
     def call(x2, weights, extras, out2):
         rows = x2.shape[0]
         if rows:
-            form = gemv1 if rows == 1 else gemv if rows <= GEMV_MAX_ROWS else gemm
+            form = next((f for most, f in by_rows if rows <= most), gemm)
             form(x2, *weights, *extras, out2)
 
     def run(*args):
@@ -332,5 +336,9 @@ def program_call(group: Graph, forms: dict, operands: list, ctx):
     def form(name):
         return lambda: ctx.call(forms[name], args, out, dtype)
 
-    result = ctx.choose([(rows == 1, form("gemv1")), (rows <= GEMV_MAX_ROWS, form("gemv"))], form("gemm"))
-    return ctx.reshape(result, [*lead, spec.n_out])
+    return ctx.reshape(choose_by_rows(ctx, rows, form, GEMV_FORMS), [*lead, spec.n_out])
+
+
+def choose_by_rows(ctx, rows, form, forms: tuple):
+    """The program's call of the form `rows_run` picks: the first of `forms` taking `rows`."""
+    return ctx.choose([(rows == 1 if most == 1 else rows <= most, form(name)) for most, name in forms], form("gemm"))

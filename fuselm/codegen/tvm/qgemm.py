@@ -5,11 +5,12 @@ uint8 [N, 16C], in chunks of 32 along k), scale (and int4's offset) [N, G] in f1
 f32, and LLM.int8's keep / w_keep. No form materializes the fp32 weight. The epilogue is
 gemm.py's (`epilogue` over a `GemmSpec`): qgemm fuses what gemm fuses. As in gemm.py,
 x [M..., K] is flattened to [M, K] and one module of three PrimFuncs is built for a
-symbolic M; `run` picks `gemv1` (M = 1), `gemv` (M <= GEMV_MAX_ROWS) or `gemm` by rows.
+symbolic M; `run` picks `gemv1` (M = 1), `gemv2` (M = 2), `gemv` (M <= GEMV_MAX_ROWS) or
+`gemm` by rows.
 
 GEMV forms (decode), `gemv_func`: dot products that stream q's rows once, dequantizing
-in registers. A register tile is `mr` rows of x times `nr` rows of q (gemv1 1 x 4, gemv
-2 x 2; a gated_silu tile holds the gate and up rows of its outputs), each pair with `U`
+in registers. A register tile is `mr` rows of x times `nr` rows of q (gemv1 1 x 4, gemv2
+2 x 2, gemv 4 x 2; a gated_silu tile holds the gate and up rows of its outputs), each pair with `U`
 vector accumulators (8 lanes) along k. A parallel block is `slot` (16, or 8 when that
 splits better over the threads) tiles: tile row r reads q rows r * slot + t for tiles
 t = 0.., so each of the nr rows streams a contiguous run of q, and each prefetches
@@ -64,12 +65,16 @@ from ...ir.core_ops import PANEL
 from ...ir.graph import Graph
 from ...ir.quant_ops import CHUNK, NF4_LEVELS, groups, packed_columns
 from .build import as_expr, const, operand_positions, single_node, target, tir_dtype
-from .gemm import GEMV_MAX_ROWS, PANEL_TILES, GemmSpec, _extra_widths, _round_up, epilogue, rows_run
+from .gemm import GEMV_MAX_ROWS, PANEL_TILES, GemmSpec, _extra_widths, _round_up, choose_by_rows, epilogue, rows_run
 
 OPS = ("qgemm",)
 LANES = 8  # fp32 lanes of the GEMV's vectors (AVX2; AVX-512 runs them as they are)
-# GEMV register tiles: (rows of x, rows of q)
-GEMV_TILES = {"gemv1": (1, 4), "gemv": (2, 2)}
+# GEMV register tiles: (rows of x, rows of q). A tile's unpacked weights serve its rows of
+# x: 4 rows take 1.2-1.4x less time than 2 from M = 3 (8 and 16 rows too), 2 rows 1.5x
+# less than 4 at M = 2 (benchmarks/tvm_kernels.py's shapes). A gated_silu tile holds the
+# gate and up rows of its outputs: `gemv` then takes one of each (8 accumulators).
+GEMV_TILES = {"gemv1": (1, 4), "gemv2": (2, 2), "gemv": (4, 2)}
+QGEMV_FORMS = ((1, "gemv1"), (2, "gemv2"), (GEMV_MAX_ROWS, "gemv"))  # gemm.py's GEMV_FORMS, with gemv2
 SLOT = 16  # rows of q each tile row streams through, per parallel block (see _slot)
 PREFETCH_BYTES = 1536  # how far ahead of its reads each of a tile's rows of q prefetches (0: none)
 PREFETCH_LOCALITY = 3  # llvm.prefetch's locality: 3 = into L1
@@ -610,19 +615,20 @@ def _parallel_rows(sch, ops: _Operands) -> None:
 def generate(group: Graph) -> tuple:
     """(kernel name, {function name: scheduled PrimFunc})."""
     spec = spec_of(single_node(group))
-    funcs = {form: gemv_func(spec, *tile) for form, tile in GEMV_TILES.items()}
+    funcs = {form: gemv_func(spec, mr, nr // spec.gemm.halves if form == "gemv" else nr)
+             for form, (mr, nr) in GEMV_TILES.items()}
     funcs["gemm"] = gemm_func(spec, *PANEL_TILES["gemm"])
     return spec.name, funcs
 
 
 def make_run(group: Graph, functions):
     """run(*group inputs): flatten x's leading dims, allocate the output, pick the form
-    by rows (1 -> gemv1, up to GEMV_MAX_ROWS -> gemv, above -> gemm), as gemm.py does."""
+    by rows (1 -> gemv1, 2 -> gemv2, up to GEMV_MAX_ROWS -> gemv, above -> gemm)."""
     node = single_node(group)
     spec, positions = spec_of(node), operand_positions(group, node)
     n_parts = len(spec.parts)
     return rows_run(functions, spec.K, spec.gemm.n_out, _extra_widths(spec.gemm), positions[0],
-                    positions[1:1 + n_parts], positions[1 + n_parts:])
+                    positions[1:1 + n_parts], positions[1 + n_parts:], QGEMV_FORMS)
 
 
 def program_call(group: Graph, forms: dict, operands: list, ctx):
@@ -648,5 +654,4 @@ def program_call(group: Graph, forms: dict, operands: list, ctx):
     def form(name):
         return lambda: ctx.call(forms[name], args, out, "float32")
 
-    result = ctx.choose([(rows == 1, form("gemv1")), (rows <= GEMV_MAX_ROWS, form("gemv"))], form("gemm"))
-    return ctx.reshape(result, [*lead, spec.gemm.n_out])
+    return ctx.reshape(choose_by_rows(ctx, rows, form, QGEMV_FORMS), [*lead, spec.gemm.n_out])
