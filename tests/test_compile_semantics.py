@@ -12,6 +12,7 @@ import torch
 import fuselm
 from fuselm import api
 from fuselm.errors import FuselmError
+from fuselm.ir.interpreter import bind_symbols
 
 
 def same(compiled, model, *args):
@@ -109,6 +110,25 @@ def test_index_select_bounds_follow_a_symbolic_dim(tmp_path):
     same(compiled, model, torch.randn(3, 12), torch.tensor([11, 0]))
     with pytest.raises(IndexError, match="index holds 12, and index_select .* takes 0..11"):
         compiled(torch.randn(3, 12), torch.tensor([12, 0]))
+
+
+def test_symbolic_index_bounds_are_bound_once_per_shape(tmp_path, monkeypatch):
+    """Binding the graph's symbols (sympy) took 2.5 ms of a 14 ms SmolLM2 decode step
+    when it ran on every call: the bounds are kept per set of input shapes, and the
+    values are still checked on every call."""
+    from fuselm.runtime import index_bounds
+
+    calls = []
+    monkeypatch.setattr(index_bounds, "bind_symbols", lambda *args: calls.append(1) or bind_symbols(*args))
+    model = Gathers()
+    compiled = fuselm.compile(model, target="cpu", dynamic=True, cache_dir=str(tmp_path))
+    for _ in range(3):
+        same(compiled, model, torch.randn(3, 7), torch.tensor([0, 6, 2]))
+    assert len(calls) == 1
+    with pytest.raises(IndexError, match="index holds 7, and index_select .* takes 0..6"):
+        compiled(torch.randn(3, 7), torch.tensor([7, 0, 1]))
+    same(compiled, model, torch.randn(3, 12), torch.tensor([11, 0, 3]))
+    assert len(calls) == 2
 
 
 class EinsumAttention(torch.nn.Module):

@@ -5,7 +5,9 @@ table; a generated kernel would read past the buffer (garbage, or a crash). Ever
 input that reaches the index operand of embedding, index_select, gather or qembedding
 (or the slots, block tables and context lengths of the paged cache ops) through views
 and casts alone (token ids, the common case) is checked on each call with one min/max
-pass over it, a few microseconds against the forward it guards. Indices the
+pass over it, a few microseconds against the forward it guards. The symbolic bounds are
+evaluated once per distinct set of input shapes (binding the graph's symbols runs sympy:
+milliseconds, as much as a decode step's kernels). Indices the
 graph computes itself are in range by construction or by the model's own arithmetic,
 as in eager, and are not checked.
 """
@@ -21,6 +23,7 @@ from ..ir.registry import get_op
 from ..ir.types import evaluate_dim
 
 PASS_THROUGH = {"cast", "pack"}  # besides views: ops whose values are some of their first input's
+REMEMBERED_SHAPES = 256  # input shape sets whose bounds are kept (then forgotten all at once)
 
 
 @dataclass(frozen=True)
@@ -47,21 +50,30 @@ class IndexBounds:
                     check = IndexCheck(position[source], bound, where, low, wraps, offset)
                     checks.setdefault((position[source], str(bound), low, wraps, offset), check)
         self.checks = list(checks.values())
+        self._bounds: dict = {}  # the inputs' shapes -> each check's bound
+
+    def bounds(self, tensors: tuple) -> list:
+        """Each check's bound for these inputs' sizes."""
+        key = tuple(t.shape for t in tensors)
+        found = self._bounds.get(key)
+        if found is None:
+            symbolic = any(not isinstance(check.bound, int) for check in self.checks)
+            sizes = bind_symbols(self.inputs, tensors) if symbolic else {}
+            found = [check.bound if isinstance(check.bound, int) else evaluate_dim(check.bound, sizes)
+                     for check in self.checks]
+            if len(self._bounds) >= REMEMBERED_SHAPES:
+                self._bounds.clear()
+            self._bounds[key] = found
+        return found
 
     def check(self, tensors: tuple) -> None:
         """Raise IndexError naming the input and the op when an index is out of range."""
         if not self.checks:
             return
-        sizes = None
-        for check in self.checks:
+        for check, bound in zip(self.checks, self.bounds(tensors)):
             tensor = tensors[check.input_index]
             if tensor.numel() == 0:
                 continue
-            if isinstance(check.bound, int):
-                bound = check.bound
-            else:
-                sizes = sizes if sizes is not None else bind_symbols(self.inputs, tensors)
-                bound = evaluate_dim(check.bound, sizes)
             low, high = (int(v) + check.offset for v in torch.aminmax(tensor))
             least = -bound if check.wraps else 0
             if (check.low and low < least) or high >= bound:
