@@ -10,8 +10,8 @@
     "nf4"         QLoRA's NormalFloat-4, an absmax scale per group of 64
     "int8-gptq", "int4-g32-gptq", "int4-g64-gptq", "int4-g128-gptq", "nf4-gptq"
                   the weight-only schemes' formats and bytes, rounded by GPTQ (quant/gptq.py)
-                  against calibration inputs instead of to the nearest grid point:
-                  ~1/2 the output KL of round-to-nearest int8 on SmolLM2
+                  against calibration inputs instead of to the nearest grid point (on
+                  SmolLM2, int8's mean KL to fp32 0.0049 -> 0.0011, top-1 95.6% -> 98.3%)
     "gguf"        no quantization of fuselm's own: a GGUF file's Q4_0 / Q4_1 / Q8_0
                   tensors served as the file holds them (models/gguf_loader.py; the model
                   is loaded with packed=True, which fuselm.LLM and the CLI do)
