@@ -37,7 +37,6 @@ import gc
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-import re  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -60,7 +59,8 @@ from fuselm.passes.packed_weights import use_packed_weights  # noqa: E402
 from fuselm.passes.quantize import quantization_passes  # noqa: E402
 from fuselm.quant import QuantizeConfig  # noqa: E402
 from fuselm.quant.config import SCHEMES as QUANTIZE_SCHEMES  # noqa: E402
-from fuselm.quant.calibration import PROMPT_TOKENS, calibration_prompts, default_text  # noqa: E402
+from fuselm.quant.calibration import (PROMPT_TOKENS, calibration_prompts, default_text, encoder_batch,  # noqa: E402
+                                      prose_sentences)
 
 SCHEMES = (*QUANTIZE_SCHEMES, "gguf")
 
@@ -168,7 +168,7 @@ def bench_smollm2(schemes: list, tokens: int, skip_chars: int, results: dict) ->
     reference = run_lm(fused, inputs)
     print(f"  fp32 reference run: {time.perf_counter() - t0:.1f} s, logits {tuple(reference.shape)}")
 
-    print(f"\n  {'scheme':<11}{'gemms q/float':>15}{'top-1':>9}{'mean KL':>10}{'ppl fp32':>10}{'ppl q':>9}"
+    print(f"\n  {'scheme':<15}{'gemms q/float':>15}{'top-1':>9}{'mean KL':>10}{'ppl fp32':>10}{'ppl q':>9}"
           f"{'max|dlogit|':>13}{'q MB':>8}{'fp32 MB':>9}{'ratio':>8}{'quantize s':>12}{'run s':>8}")
     for scheme in schemes:
         t0 = time.perf_counter()
@@ -182,7 +182,7 @@ def bench_smollm2(schemes: list, tokens: int, skip_chars: int, results: dict) ->
         gc.collect()
         metrics.update(bytes=packed, replaced=replaced, ratio=packed / replaced)
         results.setdefault(scheme, {}).update(metrics)
-        print(f"  {scheme:<11}{f'{qgemms}/{gemms}':>15}{metrics['top1']:>9.2%}{metrics['kl']:>10.4f}"
+        print(f"  {scheme:<15}{f'{qgemms}/{gemms}':>15}{metrics['top1']:>9.2%}{metrics['kl']:>10.4f}"
               f"{metrics['ppl_ref']:>10.2f}{metrics['ppl']:>9.2f}{metrics['max_diff']:>13.3g}"
               f"{packed / 1e6:>8.1f}{replaced / 1e6:>9.1f}"
               f"{packed / replaced:>8.3f}{t1 - t0:>12.1f}{t2 - t1:>8.1f}", flush=True)
@@ -199,30 +199,6 @@ def bench_smollm2(schemes: list, tokens: int, skip_chars: int, results: dict) ->
 
 
 # ----------------------------------------------------------------------------- MiniLM
-def prose_sentences(text: str) -> list:
-    """Sentences of running prose (no code, no tables): paragraphs whose lines are not
-    indented, split after . ! ?, 8 to 40 words, starting with a capital letter."""
-    sentences = []
-    for paragraph in text.split("\n\n"):
-        if not paragraph.strip() or any(line.startswith((" ", "\t", "*", "+", "=", "-", ">")) for line in
-                                        paragraph.splitlines()):
-            continue
-        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(paragraph.split())):
-            words = sentence.split()
-            if 8 <= len(words) <= 40 and sentence[0].isupper() and sentence[-1] in ".!?" and \
-                    sum(c.isalpha() or c in " ,.;:'\"-" for c in sentence) >= 0.9 * len(sentence):
-                sentences.append(sentence)
-    return sentences
-
-
-def encoder_batch(tokenizer, sentences: list) -> tuple:
-    ids = tokenizer.encode_batch(sentences)
-    width = max(map(len, ids))
-    input_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids])
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
-    return input_ids, mask
-
-
 def bench_minilm(schemes: list, count: int, skip_chars: int, results: dict) -> None:
     start = time.perf_counter()
     loaded = load("minilm-l6")
@@ -240,7 +216,7 @@ def bench_minilm(schemes: list, count: int, skip_chars: int, results: dict) -> N
     print(f"  e.g. {sentences[0]!r}")
     with torch.no_grad():
         reference = sentence_embeddings(ir.interpret(fused, input_ids, mask), mask)
-    print(f"\n  {'scheme':<11}{'gemms q/float':>15}{'cos min':>10}{'cos mean':>10}{'q MB':>8}{'fp32 MB':>9}"
+    print(f"\n  {'scheme':<15}{'gemms q/float':>15}{'cos min':>10}{'cos mean':>10}{'q MB':>8}{'fp32 MB':>9}"
           f"{'ratio':>8}")
     for scheme in (s for s in schemes if s != "gguf"):  # MiniLM is a safetensors model: no GGUF blocks
         graph = quantized_graph(fused, scheme, calibration)
@@ -250,7 +226,7 @@ def bench_minilm(schemes: list, count: int, skip_chars: int, results: dict) -> N
         packed, replaced, qgemms, gemms = weight_bytes(graph)
         results.setdefault(scheme, {}).update(cos_min=cosine.min().item(), cos_mean=cosine.mean().item(),
                                               minilm_ratio=packed / replaced)
-        print(f"  {scheme:<11}{f'{qgemms}/{gemms}':>15}{cosine.min().item():>10.5f}{cosine.mean().item():>10.5f}"
+        print(f"  {scheme:<15}{f'{qgemms}/{gemms}':>15}{cosine.min().item():>10.5f}{cosine.mean().item():>10.5f}"
               f"{packed / 1e6:>8.2f}{replaced / 1e6:>9.2f}{packed / replaced:>8.3f}", flush=True)
     print(f"  MiniLM total {time.perf_counter() - start:.0f} s")
 

@@ -402,10 +402,11 @@ def compile_lm(loaded, target: Union[str, Target], block_size: int, dtype: torch
     with symbolic token and batch sizes: the engine's forward pass.
     `donate_weights`: the compiled layouts may reuse (and scramble) the module's weights.
     `quantize`: as for `compile`; calibration samples are texts or token lists (default:
-    an English text, see quant/calibration.py), run as one prefill. `pack`: as for
+    an English text, see quant/calibration.py), run as one prefill; an encoder's are
+    texts (default: that text's first prose sentences), run as padded batches. `pack`: as for
     `compile` (an encoder's padded batch runs on its real tokens)."""
     from .models.contract import capture_example, pack_prompts
-    from .quant.calibration import calibration_prompts
+    from .quant.calibration import calibration_prompts, encoder_calibration
 
     target = get_target(target)
     example, dynamic = capture_example(loaded.config, block_size=block_size, dtype=dtype)
@@ -414,10 +415,14 @@ def compile_lm(loaded, target: Union[str, Target], block_size: int, dtype: torch
     config = quantize_config(quantize)
     if config is not None and config.loads_packed:
         config = config.with_packed(loaded.packed)
-    if config is not None and config.needs_calibration and loaded.config.model_type != "bert":
-        prompts = calibration_prompts(loaded.tokenizer, config.calibration, loaded.config.vocab_size)
-        sample = pack_prompts(loaded.config, prompts, block_size=block_size, all_logits=True, dtype=dtype)
-        config = config.with_calibration([tuple(t.to(target.device) for t in sample.as_tuple())])
+    if config is not None and config.needs_calibration:
+        if loaded.config.model_type == "bert":  # padded sentence batches, as the encoder is called
+            samples = encoder_calibration(loaded.tokenizer, config.calibration, loaded.config.max_position_embeddings)
+        else:
+            prompts = calibration_prompts(loaded.tokenizer, config.calibration, loaded.config.vocab_size)
+            samples = [pack_prompts(loaded.config, prompts, block_size=block_size, all_logits=True,
+                                    dtype=dtype).as_tuple()]
+        config = config.with_calibration([tuple(t.to(target.device) for t in sample) for sample in samples])
     return compile(model, example, target=target, dynamic=dynamic, cache_dir=cache_dir,
                    donate_weights=donate_weights, quantize=config, pack=pack)
 

@@ -51,7 +51,7 @@ class Encoder:
     def _compile(self, model, target, quantize, cache_dir) -> None:
         from . import api
         from .models import load
-        from .models.contract import capture_example
+        from .runtime.engine import DEFAULT_BLOCK_SIZE  # unused by an encoder's capture
 
         self.target = get_target(target)
         loaded = load(model)
@@ -59,10 +59,9 @@ class Encoder:
         if self.config.model_type != "bert":
             return  # refused by the caller, before anything compiles
         self.sentence = SentenceConfig.read(loaded.source) if loaded.source.is_dir() else SentenceConfig()
-        example, dynamic = capture_example(loaded.config)
-        example = tuple(t.to(self.target.device) for t in example)
-        self.forward = api.compile(loaded.model.to(self.target.device), example, target=self.target,
-                                   dynamic=dynamic, cache_dir=cache_dir, quantize=quantize, pack=True)
+        # as `fuselm build` compiles it (quantize's calibration: sentences of text)
+        self.forward = api.compile_lm(loaded, self.target, DEFAULT_BLOCK_SIZE, torch.float32, cache_dir,
+                                      quantize=quantize, pack=True)
 
     def _load_artifact(self, model, target, quantize) -> None:
         from .artifact import load as load_artifact

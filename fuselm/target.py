@@ -21,6 +21,7 @@ from typing import Optional, Union
 import torch
 
 from .errors import FuselmError
+from .threads import one_torch_thread
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,8 @@ class Target:
         if not self.owns_cores:
             yield
             return
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():
             yield
-        finally:
-            torch.set_num_threads(previous)
 
     def importing(self):
         """While capturing or loading for this target: Triton stays out of a cpu process."""

@@ -22,7 +22,7 @@ from fuselm.passes import pipeline, run_passes
 from fuselm.passes.packed_weights import use_packed_weights
 from fuselm.passes.quantize import quantization_passes
 from fuselm.quant import QuantizeConfig
-from fuselm.quant.calibration import calibration_prompts, default_text
+from fuselm.quant.calibration import calibration_prompts, default_text, encoder_batch
 
 SCHEMES = ["int8", "w8a8", "int4-g32", "int4-g64", "int4-g128", "llm.int8", "nf4"]
 MAX_BYTES = {"int8": 0.27, "int4": 0.16, "nf4": 0.16}  # of the fp32 weights a scheme replaces
@@ -134,10 +134,7 @@ SENTENCES = [
 def test_minilm_embeddings_stay_close_to_fp32(minilm, scheme, least):
     example, dynamic = capture_example(minilm.config)
     fused = run_passes(capture(minilm.model, example, dynamic), pipeline())
-    ids = minilm.tokenizer.encode_batch(SENTENCES)
-    width = max(map(len, ids))
-    input_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids])
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    input_ids, mask = encoder_batch(minilm.tokenizer, SENTENCES)
     calibration = [(input_ids, mask)]
     quantized = run_passes(fused, quantization_passes(QuantizeConfig(scheme), calibration))
     assert quantized.op_counts()["qgemm"] >= 6 * 4
@@ -146,3 +143,40 @@ def test_minilm_embeddings_stay_close_to_fp32(minilm, scheme, least):
     cosine = F.cosine_similarity(ours, reference)
     # the mean over the sentences (int8's worst one, "Hi", is at 0.998)
     assert least <= cosine.mean().item() < 1.0 and cosine.min().item() >= least - 0.01, cosine
+
+
+def test_encoders_calibrate_on_sentences_of_text(minilm, monkeypatch):
+    """An encoder's w8a8 / llm.int8 / -gptq statistics come from padded batches of real
+    sentences (the default text's prose, or the caller's texts), not from the random
+    token ids of the capture example; int8-gptq on them keeps MiniLM within 0.999."""
+    import warnings
+
+    import fuselm
+    from fuselm import api
+    from fuselm.quant.calibration import SENTENCE_BATCH, encoder_calibration, prose_sentences
+
+    samples = encoder_calibration(minilm.tokenizer, None, minilm.config.max_position_embeddings)
+    assert len(samples) >= 2 and all(ids.shape == mask.shape and ids.shape[0] <= SENTENCE_BATCH
+                                     for ids, mask in samples)
+    assert sum(int(mask.sum()) for _, mask in samples) > 1536  # rows: more than MiniLM's widest gemm input
+    first = minilm.tokenizer.decode(samples[0][0][0][samples[0][1][0] > 0].tolist(), skip_special_tokens=True)
+    assert "".join(first.split()) == "".join(prose_sentences(default_text())[0].lower().split())  # real text
+    given = encoder_calibration(minilm.tokenizer, ["One text.", "Another, longer text of words."], 512)
+    assert len(given) == 1 and given[0][0].shape[0] == 2
+
+    example, dynamic = capture_example(minilm.config)
+    fused = run_passes(capture(minilm.model, example, dynamic), pipeline())
+    input_ids, mask = encoder_batch(minilm.tokenizer, SENTENCES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fuselm.CalibrationWarning)  # enough rows for every gemm
+        quantized = run_passes(fused, quantization_passes(QuantizeConfig("int8-gptq"), samples))
+    reference = sentence_embeddings(ir.interpret(fused, input_ids, mask), mask)
+    cosine = F.cosine_similarity(sentence_embeddings(ir.interpret(quantized, input_ids, mask), mask), reference)
+    assert cosine.min().item() >= 0.999, cosine
+
+    seen = []  # fuselm.Encoder hands compile those batches
+    monkeypatch.setattr(api, "compile", lambda model, example, **options: seen.append(options["quantize"]))
+    fuselm.Encoder("minilm-l6", quantize="w8a8")
+    (config,) = seen
+    assert [tuple(t.shape) for t in config.calibration[0]] == [tuple(t.shape) for t in samples[0]]
+    assert all(torch.equal(a, b) for a, b in zip(config.calibration[0], samples[0]))

@@ -6,6 +6,8 @@ max |x| of every input feature (`activation_absmax`), or X^T X (`input_gram`).
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..errors import FuselmError
@@ -110,3 +112,51 @@ def calibration_prompts(tokenizer, calibration, vocab_size: int, tokens: int = C
     if not ids:
         raise FuselmError(f"quantize: the calibration data is empty; {CALIBRATED} need at least one sample")
     return [ids[i:i + PROMPT_TOKENS] for i in range(0, len(ids), PROMPT_TOKENS)]
+
+
+CALIBRATION_SENTENCES = 128  # of the default text, for an encoder
+SENTENCE_BATCH = 32  # sentences per padded calibration batch
+
+
+def prose_sentences(text: str) -> list:
+    """Sentences of running prose (no code, no tables): paragraphs whose lines are not
+    indented, split after . ! ?, 8 to 40 words, starting with a capital letter."""
+    sentences = []
+    for paragraph in text.split("\n\n"):
+        if not paragraph.strip() or any(line.startswith((" ", "\t", "*", "+", "=", "-", ">")) for line in
+                                        paragraph.splitlines()):
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(paragraph.split())):
+            words = sentence.split()
+            if 8 <= len(words) <= 40 and sentence[0].isupper() and sentence[-1] in ".!?" and \
+                    sum(c.isalpha() or c in " ,.;:'\"-" for c in sentence) >= 0.9 * len(sentence):
+                sentences.append(sentence)
+    return sentences
+
+
+def encoder_batch(tokenizer, texts: list, max_length: int = None) -> tuple:
+    """(input_ids, attention_mask) of `texts`, padded with 0 to the longest (each cut to
+    `max_length` tokens)."""
+    ids = [row[:max_length] for row in tokenizer.encode_batch(texts)]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    return input_ids, mask
+
+
+def encoder_calibration(tokenizer, calibration, max_length: int) -> list:
+    """An encoder's calibration samples, (input_ids, attention_mask) batches of
+    SENTENCE_BATCH texts: `calibration`'s texts, or (None) the first
+    CALIBRATION_SENTENCES prose sentences of the default text; samples that are not
+    texts are the model's own call arguments and pass as they are."""
+    if calibration is None:
+        texts = prose_sentences(default_text())[:CALIBRATION_SENTENCES]
+    else:
+        samples = list(calibration)
+        if not all(isinstance(sample, str) for sample in samples):
+            return samples
+        texts = [text for text in samples if text.strip()]
+        if not texts:
+            raise FuselmError(f"quantize: the calibration data is empty; {CALIBRATED} need at least one sample")
+    return [encoder_batch(tokenizer, texts[i:i + SENTENCE_BATCH], max_length)
+            for i in range(0, len(texts), SENTENCE_BATCH)]
