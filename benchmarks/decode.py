@@ -334,8 +334,10 @@ def report_quantized(settings: Settings, variants: dict, hf: Optional[dict], lla
     print_group(f"{n} requests (generated tokens / wall time, prefill included)", concurrent + batch_peers)
     for scheme, v in variants.items():
         ratio = v["single"]["decode_tok_s"] / fp32["single"]["decode_tok_s"]
+        rss = v["peak_rss_bytes"]
+        rss_target = f" (target < 0.9 GB: {verdict(rss < 0.9e9)})" if scheme == "gguf" else ""
         print(f"  {scheme}: batch 1 {ratio:.2f}x fuselm fp32" + (" (int8 target 1.6x)" if scheme == "int8" else "")
-              + f"; peak RSS {v['peak_rss_bytes'] / 2**30:.2f} GiB; load + compile {v['build_s']:.1f} s")
+              + f"; peak RSS {rss / 1e9:.2f} GB{rss_target}; load + compile {v['build_s']:.1f} s")
 
 
 def run_cpu_variants(args, settings: Settings) -> dict:
