@@ -129,6 +129,18 @@ def test_weight_only(fmt, k, n, group_size, scale_dtype, steps):
     assert kernel.name.startswith("qgemm_k")
 
 
+@pytest.mark.parametrize("fmt,k,n,group_size,scale_dtype,steps", [WEIGHT_ONLY[1], WEIGHT_ONLY[3], WEIGHT_ONLY[5]])
+def test_weight_only_in_8_lanes(monkeypatch, fmt, k, n, group_size, scale_dtype, steps):
+    """The kernels use 16-lane vectors where the CPU has AVX-512 (this one may); a CPU
+    with AVX2 only gets 8 lanes, and nf4 then reads its levels by two permutes and a blend."""
+    from fuselm.codegen.tvm import qgemm
+
+    monkeypatch.setattr(qgemm, "lanes", lambda: 8)
+    group = qgemm_group(fmt, k, n, group_size, steps, scale_dtype=scale_dtype)
+    kernel = check(group, lambda m: {T: m}, 1e-4, rows=(1, 3, 17))
+    assert "T.vectorized(8)" in kernel.source
+
+
 @pytest.mark.parametrize("smooth,outliers,steps", [
     (False, 0, ("bias", "relu")),
     (True, 3, ("gated_silu", "residual")),  # SmoothQuant's factor and LLM.int8's outliers

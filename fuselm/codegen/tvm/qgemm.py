@@ -10,9 +10,10 @@ symbolic M; `run` picks `gemv1` (M = 1), `gemv2` (M = 2), `gemv` (M <= GEMV_MAX_
 
 GEMV forms (decode), `gemv_func`: dot products that stream q's rows once, dequantizing
 in registers. A register tile is `mr` rows of x times `nr` rows of q (gemv1 1 x 4, gemv2
-2 x 2, gemv 4 x 2; a gated_silu tile holds the gate and up rows of its outputs), each pair with `U`
-vector accumulators (8 lanes) along k. A parallel block is `slot` (16, or 8 when that
-splits better over the threads) tiles: tile row r reads q rows r * slot + t for tiles
+2 x 2, gemv 4 x 2; a gated_silu tile holds the gate and up rows of its outputs), each
+pair with `U` vector accumulators along k (vectors of `lanes()`: 16 with AVX-512, else
+8). A parallel block is `slot` (16, or 8 when that splits better over the threads)
+tiles: tile row r reads q rows r * slot + t for tiles
 t = 0.., so each of the nr rows streams a contiguous run of q, and each prefetches
 (llvm.prefetch, inserted after scheduling) the row it reads PREFETCH_BYTES ahead.
 The group scale is out of the inner loop: per group, `part` = sum of code * x, then
@@ -21,12 +22,13 @@ group and lane, once per call), two FMAs; f16 scales and offsets are converted o
 tile. Lanes are summed at the end. The code of an element:
   int8  q, sign-extended and converted;
   int4  its nibble: a chunk's 16 bytes hold 16 consecutive elements in their low nibbles
-        and the next 16 in their high ones, so 8 elements are 8 consecutive bytes,
-        zero-extended, then masked or shifted (vector loads, no gathers);
-  nf4   NF4_LEVELS[nibble]: on AVX2 two vpermps of the table's halves (vector
-        constants) and a blend on the nibble's bit 3; else a select tree.
-int8 groups that are not whole vectors (group_size % 8, more than one group) scale each
-element instead. x is read padded with zeros to whole vectors and groups (a copy, only
+        and the next 16 in their high ones, so a vector's elements are consecutive
+        bytes, zero-extended, then masked or shifted (vector loads, no gathers);
+  nf4   NF4_LEVELS[nibble]: with AVX-512 one vpermps of the table (a vector
+        constant); on AVX2 two of its halves and a blend on the nibble's bit 3; else
+        a select tree.
+int8 groups that are not whole vectors (group_size % lanes(), more than one group) scale
+each element instead. x is read padded with zeros to whole vectors and groups (a copy, only
 when K needs it), so inner loops have no masks; an int8 row (not padded in memory) then
 clamps its column, which makes those loads gathers: right for any K, fast for the K
 models have.
@@ -54,6 +56,7 @@ only stores are predicated.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import tvm
@@ -68,7 +71,6 @@ from .build import as_expr, const, operand_positions, single_node, target, tir_d
 from .gemm import GEMV_MAX_ROWS, PANEL_TILES, GemmSpec, _extra_widths, _round_up, choose_by_rows, epilogue, rows_run
 
 OPS = ("qgemm",)
-LANES = 8  # fp32 lanes of the GEMV's vectors (AVX2; AVX-512 runs them as they are)
 # GEMV register tiles: (rows of x, rows of q). A tile's unpacked weights serve its rows of
 # x: 4 rows take 1.2-1.4x less time than 2 from M = 3 (8 and 16 rows too), 2 rows 1.5x
 # less than 4 at M = 2 (benchmarks/tvm_kernels.py's shapes). A gated_silu tile holds the
@@ -109,7 +111,7 @@ class QSpec:
     @property
     def factored(self) -> bool:
         """The group scale comes out of the inner loop: each vector lies in one group."""
-        return self.G == 1 or self.group_size % LANES == 0
+        return self.G == 1 or self.group_size % lanes() == 0
 
     @property
     def name(self) -> str:
@@ -251,7 +253,7 @@ class _Operands:
         if by_chunks and self.spec.four_bit:
             byte = tirx.floordiv(k, CHUNK) * (CHUNK // 2) + tirx.floormod(k, CHUNK // 2)
             high = tirx.floormod(tirx.floordiv(k, CHUNK // 2), 2)
-            code = _nibble_code(self, self.spec, row, byte, high, tirx.floormod(k, LANES))
+            code = _nibble_code(self, self.spec, row, byte, high, tirx.floormod(k, lanes()))
         else:
             code = self.code(row, k)
         value = code * self.scale(row, g)
@@ -305,13 +307,13 @@ def gemv_func(spec: QSpec, mr: int, nr: int) -> tirx.PrimFunc:
     G = spec.G if factored else 1
     span = K if G == 1 else spec.group_size  # elements per group
     if spec.four_bit:  # vector v of a group: chunk v // 4, bytes (v % 2) * 8.., high nibbles if v % 4 >= 2
-        vectors = -(-span // CHUNK) * (CHUNK // LANES)
+        vectors = -(-span // CHUNK) * (CHUNK // lanes())
     else:
-        vectors = -(-span // LANES)
+        vectors = -(-span // lanes())
     # x is read padded with zeros to whole groups and vectors: no masks in the inner
     # loop. 4-bit rows are stored padded to whole chunks; int8 rows are not, so an int8
     # row's last vector clamps its column (only when K is not whole vectors and groups).
-    width = G * vectors * LANES
+    width = G * vectors * lanes()
     ops = _Operands(spec, M, width)
     slot = _slot(half, nr)
     nb = slot * nr  # columns per parallel block
@@ -320,7 +322,7 @@ def gemv_func(spec: QSpec, mr: int, nr: int) -> tirx.PrimFunc:
     # independent accumulator chains along k per row of q: about 4 per tile in all
     U = max(u for u in (1, 2, 4) if u <= max(1, 4 // (mr * nr)) and vectors % u == 0)
     if spec.four_bit:
-        per_chunk = CHUNK // LANES
+        per_chunk = CHUNK // lanes()
         reduce = [te.reduce_axis((0, vectors // per_chunk), name="c")]
         if per_chunk // U > 1:
             reduce.append(te.reduce_axis((0, per_chunk // U), name="ph"))
@@ -335,11 +337,12 @@ def gemv_func(spec: QSpec, mr: int, nr: int) -> tirx.PrimFunc:
         if spec.four_bit:
             c, ph = axes if len(axes) == 2 else (axes[0], 0)
             p = ph * U + u  # vector within the chunk
-            k = g * span + c * CHUNK + p * LANES + lane
-            byte = (g * (span // CHUNK) + c) * (CHUNK // 2) + tirx.floormod(p, 2) * LANES + lane
-            return k, byte, tirx.floordiv(p, 2)
+            k = g * span + c * CHUNK + p * lanes() + lane
+            per_half = (CHUNK // 2) // lanes()  # vectors of a chunk's low (or high) nibbles
+            byte = (g * (span // CHUNK) + c) * (CHUNK // 2) + tirx.floormod(p, per_half) * lanes() + lane
+            return k, byte, tirx.floordiv(p, per_half)
         (v,) = axes
-        k = g * span + (v * U + u) * LANES + lane
+        k = g * span + (v * U + u) * lanes() + lane
         return k, k, None
 
     def column(b, r, t):
@@ -363,7 +366,7 @@ def gemv_func(spec: QSpec, mr: int, nr: int) -> tirx.PrimFunc:
         return value
 
     tiles = (rows, H, blocks, nr, slot)  # rows of x, halves, then the output column
-    part = te.compute((*tiles, G, U, LANES),
+    part = te.compute((*tiles, G, U, lanes()),
                       lambda m, h, b, r, t, g, u, lane: te.sum(product(m, h, b, r, t, g, u, lane, reduce), axis=reduce),
                       name="part")
     xsum = None
@@ -373,7 +376,7 @@ def gemv_func(spec: QSpec, mr: int, nr: int) -> tirx.PrimFunc:
         def x_at(m, g, u, lane):
             return ops.x_codes[m, position(g, u, lane, xs_reduce)[0]]
 
-        xsum = te.compute((M, G, U, LANES), lambda m, g, u, lane: te.sum(x_at(m, g, u, lane), axis=xs_reduce),
+        xsum = te.compute((M, G, U, lanes()), lambda m, g, u, lane: te.sum(x_at(m, g, u, lane), axis=xs_reduce),
                           name="xsum")
     # The tile's scales (and offsets) in f32, converted once per tile, not per use.
     converted = {}
@@ -394,9 +397,9 @@ def gemv_func(spec: QSpec, mr: int, nr: int) -> tirx.PrimFunc:
         shifted = xsum[_clamp_row(m, M, mr), g_ax, u, lane] * converted["offset"](h, b, r, t, g_ax)
         return tirx.Select(term.var == 0, scaled, shifted)
 
-    acc = te.compute((*tiles, U, LANES), lambda m, h, b, r, t, u, lane: te.sum(combined(m, h, b, r, t, u, lane),
+    acc = te.compute((*tiles, U, lanes()), lambda m, h, b, r, t, u, lane: te.sum(combined(m, h, b, r, t, u, lane),
                                                                                 axis=[g_ax, term]), name="acc")
-    u_ax, lane_ax = te.reduce_axis((0, U), name="u"), te.reduce_axis((0, LANES), name="lane")
+    u_ax, lane_ax = te.reduce_axis((0, U), name="u"), te.reduce_axis((0, lanes()), name="lane")
     total = te.compute(tiles, lambda m, h, b, r, t: te.sum(acc[m, h, b, r, t, u_ax, lane_ax], axis=[u_ax, lane_ax]),
                        name="total")
 
@@ -449,8 +452,8 @@ def gemv_func(spec: QSpec, mr: int, nr: int) -> tirx.PrimFunc:
     if G > 1:
         at, step = a_g, span // 2 if spec.four_bit else span
     else:
-        step = CHUNK // 2 if spec.four_bit else U * LANES  # bytes of a row per reduce iteration
-        extent = -(-span // (CHUNK if spec.four_bit else U * LANES))
+        step = CHUNK // 2 if spec.four_bit else U * lanes()  # bytes of a row per reduce iteration
+        extent = -(-span // (CHUNK if spec.four_bit else U * lanes()))
         split = max(f for f in range(1, max(1, 64 // step) + 1) if extent % f == 0)
         at = first = sch.split(first, [None, split])[0] if split > 1 else first
         step *= split
@@ -514,24 +517,39 @@ def _nibble_code(ops, spec, row, byte, high, lane):
     """The code of a 4-bit element: its nibble (int4) or NF4 level (nf4), as f32. The byte
     is widened first (one zero-extending load), then shifted or masked."""
     value = as_expr(ops.parts["q"][row, byte]).astype("int32")
-    if spec.format == "int4" or not _has_avx2():
+    permute = _level_permute()
+    if spec.format == "int4" or permute is None:
         nibble = tirx.Select(high > 0, value >> 4, value & 15)
         return nibble.astype("float32") if spec.format == "int4" else _nf4_level(nibble)
-    # NF4_LEVELS[nibble] in the loop TVM vectorizes over `lane` (LANES = 8 wide): two
-    # register permutes (vpermps) of the table's halves, vector constants level[lane] and
-    # level[8 + lane], then a blend on the nibble's bit 3 moved to the sign bit. vpermps
-    # reads the index's low 3 bits only, so the widened byte (or it shifted by 4) serves.
+    # NF4_LEVELS[nibble] in the loop TVM vectorizes over `lane`: register permutes of the
+    # table (vector constants level[lane], ...) by the nibble. A permute reads its index's
+    # low bits only (4 of 16 lanes, 3 of 8), so the widened byte (or it shifted by 4) serves.
     index = tirx.Select(high > 0, value >> 4, value)
+    if lanes() == 16:  # AVX-512: the whole table in one register, one vpermps
+        return tirx.call_llvm_pure_intrin("float32", permute, _nf4_level(lane), index)
+    # AVX2: two vpermps of the table's halves, then a blend on the nibble's bit 3 moved to
+    # the sign bit
     sign = tirx.Select(high > 0, value << 24, value << 28)
-    low, upper = (tirx.call_llvm_pure_intrin("float32", "llvm.x86.avx2.permps", _nf4_level(lane + half), index)
-                  for half in (0, 8))
+    low, upper = (tirx.call_llvm_pure_intrin("float32", permute, _nf4_level(lane + half), index) for half in (0, 8))
     return tirx.call_llvm_pure_intrin("float32", "llvm.x86.avx.blendv.ps.256", low, upper,
                                       tirx.reinterpret("float32", sign))
 
 
-def _has_avx2() -> bool:
+@functools.cache
+def lanes() -> int:
+    """fp32 lanes of the quantized kernels' vectors: 16 where the CPU has AVX-512, else 8.
+    The int4 GEMV is bound by its instructions per weight (widen, mask, convert, FMA), not
+    by memory, and 16 lanes halve them: SmolLM2's Q4_1 decode ran ~1.15x faster."""
     with target():
-        return LANES == 8 and bool(tvm.target.codegen.target_has_features("avx2", target()))
+        return 16 if tvm.target.codegen.target_has_features("avx512f", target()) else 8
+
+
+def _level_permute():
+    """The LLVM intrinsic permuting a vector of `lanes()` floats by index, or None."""
+    with target():
+        if lanes() == 16:
+            return "llvm.x86.avx512.permvar.sf.512"
+        return "llvm.x86.avx2.permps" if tvm.target.codegen.target_has_features("avx2", target()) else None
 
 
 # ----------------------------------------------------------------------------- the tiled form: prefill
@@ -586,7 +604,7 @@ def gemm_func(spec: QSpec, mr: int, panels: int, block_tiles: int) -> tirx.PrimF
     if by_chunks:  # 4-bit: vectorized along k, chunk by chunk (stores 16 floats apart)
         pk_p, pk_k, pk_c = sch.get_loops(b_pack)[-3:]
         sch.reorder(pk_p, pk_c, pk_k)
-        _, pk_high, pk_half, pk_lane = sch.split(pk_k, [None, 2, (CHUNK // 2) // LANES, LANES])
+        _, pk_high, pk_half, pk_lane = sch.split(pk_k, [None, 2, (CHUNK // 2) // lanes(), lanes()])
         sch.unroll(pk_high)
         sch.unroll(pk_half)
         sch.vectorize(pk_lane)
