@@ -355,7 +355,12 @@ def gemv_func(spec: QSpec, mr: int, nr: int) -> tirx.PrimFunc:
     def product(m, h, b, r, t, g, u, lane, axes):
         k, at, high = position(g, u, lane, axes)
         xm, row = _clamp_row(m, M, mr), row_of(h, b, r, t)
-        if ragged:  # x_codes is 0 there; any byte of the row will do
+        if ragged and spec.four_bit:
+            # a vector lies in one chunk: wholly in the row or wholly past it (the last group
+            # of fewer chunks), where x_codes is 0 and the row's last vector will do. Clamping
+            # the vector, not the byte, keeps the load contiguous (a clamped byte is a gather).
+            at = tirx.min(at - lane, row_bytes - lanes()) + lane
+        elif ragged:  # x_codes is 0 there; any byte of the row will do
             at = tirx.min(at, row_bytes - 1)
         if w8a8:
             return as_expr(ops.parts["q"][row, at]).astype("int32") * as_expr(ops.x_codes[xm, k]).astype("int32")
