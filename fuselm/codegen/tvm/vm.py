@@ -36,7 +36,13 @@ from ..kernel import group_key
 from ..memory import kernel_ready
 
 LIBRARY, DESCRIPTION, SCRIPT = "program.so", "program.json", "program.relax"
-_CPU_DEVICE, _POOLED_ALLOCATOR = 1, 2  # DLPack's kDLCPU; relax.VirtualMachine.POOLED_ALLOCATOR
+_CPU_DEVICE = 1  # DLPack's kDLCPU
+# relax.VirtualMachine.NAIVE_ALLOCATOR: each storage is malloc'd and freed, and the C
+# library reuses freed memory for any later size. The pooled allocator keeps every freed
+# buffer for a later request of its exact size and never returns one, so a server's
+# memory grew with each distinct token count it ran (SmolLM2: +5 MB a prompt length);
+# decode speed is the same with either (interleaved runs).
+_NAIVE_ALLOCATOR = 1
 
 
 @functools.cache
@@ -91,7 +97,7 @@ class Program:
         for name in self.fallbacks:
             tvm_ffi.register_global_func(name, _torch_function(groups[name]), override=True)
         self.vm = self.library["vm_load_executable"]()
-        self.vm["vm_initialization"](_CPU_DEVICE, 0, _POOLED_ALLOCATOR)
+        self.vm["vm_initialization"](_CPU_DEVICE, 0, _NAIVE_ALLOCATOR)
         self._main = self.vm["main"]
         return self
 
