@@ -164,7 +164,7 @@ class ProgramBuilder:
         self.bb = relax.BlockBuilder()
         self._functions: dict = {}  # name -> GlobalVar
         self._generated: dict = {}  # group key -> (kernel name, funcs)
-        self._choices: list = []  # the private functions emit_outlined made
+        self._choices = 0  # private functions emit_outlined made
         self.weight_types = {v.name: v.type for step in steps for v in _reads(step) if isinstance(v, Constant)}
         self.weight_types.update({v.name: v.type for v in graph.outputs if isinstance(v, Constant)})
         self.weight_names = sorted(self.weight_types)
@@ -195,8 +195,8 @@ class ProgramBuilder:
             params.append(relax.Var("sizes", relax.ShapeType(values=list(sizes))))
             args.append(relax.ShapeExpr(list(sizes)))
         function = relax.utils.copy_with_new_vars(relax.Function(params, body, choice.ty, is_pure=True))
-        name = f"choice{len(self._choices)}"
-        self._choices.append(name)
+        name = f"choice{self._choices}"
+        self._choices += 1
         callee = self.bb.add_func(function, name)  # private: no global symbol
         return self.bb.emit(relax.Call(callee, args))
 

@@ -306,7 +306,7 @@ def gemv_func(spec: QSpec, mr: int, nr: int) -> tirx.PrimFunc:
     w8a8, factored = spec.activations == "int8", spec.factored
     G = spec.G if factored else 1
     span = K if G == 1 else spec.group_size  # elements per group
-    if spec.four_bit:  # vector v of a group: chunk v // 4, bytes (v % 2) * 8.., high nibbles if v % 4 >= 2
+    if spec.four_bit:  # a chunk's vectors: its low nibbles, then its high ones (see `position`)
         vectors = -(-span // CHUNK) * (CHUNK // lanes())
     else:
         vectors = -(-span // lanes())
